@@ -1,0 +1,132 @@
+//! Turning a scope's bundle into rustls server configurations.
+//!
+//! Each endpoint holds its current `ServerConfig` behind an `ArcSwap`. A
+//! new bundle builds fresh configurations and swaps them in; a handshake
+//! takes the `Arc` that was current when it began and keeps it to the end,
+//! so a rotation never touches a handshake or a connection in flight.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+    WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::bundle::BundleError;
+use crate::frame::{BundleMessage, ClientAuth};
+
+/// Sessions remembered for TLS 1.3 resumption, per scope and worker.
+const SESSION_CACHE_SIZE: usize = 4096;
+
+/// The crypto provider every handshake and every check uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())))
+}
+
+/// What a worker serves for one scope.
+pub struct ScopeTls {
+    pub generation: u64,
+    pub fingerprint: String,
+    certified: Arc<CertifiedKey>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    client_ca: Vec<CertificateDer<'static>>,
+    client_auth: ClientAuth,
+    sessions: Arc<dyn StoresServerSessions>,
+}
+
+impl ScopeTls {
+    /// Checks a bundle and prepares it; `previous` is the scope's state
+    /// before, whose session cache is kept unless the client trust changed.
+    pub fn build(
+        message: &BundleMessage,
+        generation: u64,
+        previous: Option<&ScopeTls>,
+    ) -> Result<Self, String> {
+        let provider = provider();
+        let certified = message
+            .bundle
+            .certified_key(&provider)
+            .map_err(|err: BundleError| err.to_string())?;
+        let verifier = client_verifier(message, &provider)?;
+
+        // Resumption state belongs to the trust it was granted under: when
+        // the client CA or the mode changes, old sessions must not resume.
+        let same_trust = previous.is_some_and(|old| {
+            old.client_auth == message.client_auth && old.client_ca == message.client_ca
+        });
+        let sessions = match previous {
+            Some(old) if same_trust => Arc::clone(&old.sessions),
+            _ => ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+        };
+
+        Ok(Self {
+            generation,
+            fingerprint: message.bundle.fingerprint(&provider),
+            certified: Arc::new(certified),
+            verifier,
+            client_ca: message.client_ca.clone(),
+            client_auth: message.client_auth,
+            sessions,
+        })
+    }
+
+    /// A server configuration for one endpoint of this scope.
+    pub fn server_config(&self, alpn: &[String]) -> Result<Arc<ServerConfig>, String> {
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|err| err.to_string())?;
+        let builder = match &self.verifier {
+            Some(verifier) => builder.with_client_cert_verifier(Arc::clone(verifier)),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config =
+            builder.with_cert_resolver(Arc::new(FixedCert(Arc::clone(&self.certified))));
+        config.alpn_protocols = alpn
+            .iter()
+            .map(|protocol| protocol.as_bytes().to_vec())
+            .collect();
+        config.session_storage = Arc::clone(&self.sessions);
+        Ok(Arc::new(config))
+    }
+}
+
+fn client_verifier(
+    message: &BundleMessage,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, String> {
+    if message.client_auth == ClientAuth::None {
+        return Ok(None);
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &message.client_ca {
+        roots
+            .add(ca.clone())
+            .map_err(|err| format!("client CA certificate refused: {err}"))?;
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let builder = match message.client_auth {
+        ClientAuth::Request => builder.allow_unauthenticated(),
+        _ => builder,
+    };
+    let verifier = builder
+        .build()
+        .map_err(|err| format!("client CA unusable: {err}"))?;
+    Ok(Some(verifier))
+}
+
+/// Serves one certified key to every client.
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
