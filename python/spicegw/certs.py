@@ -1,0 +1,200 @@
+"""Certificate material: where it comes from, and checking it before use.
+
+PEM is read by the same Rust code the workers run (`_core.parse_bundle`):
+blocks, key formats, the key matching the leaf. The `cryptography`
+package then reads the certificates for what an operator wants to know:
+subject, validity window, whether the chain is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from . import _core
+from .errors import MaterialError
+
+__all__ = ["Material", "Source", "describe_subject", "load_material"]
+
+_SUBJECT_ORDER = (
+    (NameOID.COMMON_NAME, "CN"),
+    (NameOID.ORGANIZATIONAL_UNIT_NAME, "OU"),
+    (NameOID.ORGANIZATION_NAME, "O"),
+    (NameOID.LOCALITY_NAME, "L"),
+    (NameOID.STATE_OR_PROVINCE_NAME, "S"),
+    (NameOID.COUNTRY_NAME, "C"),
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One half of a certificate pair: a file, or PEM given inline.
+
+    `origin` says where the setting came from (a flag or a config field),
+    so that every message can name it.
+    """
+
+    what: str  # "certificate", "key" or "client CA"
+    origin: str
+    path: str | None = None
+    inline: str | None = None
+
+    @classmethod
+    def file(cls, what: str, path: str, origin: str) -> Source:
+        return cls(what=what, origin=origin, path=path)
+
+    @classmethod
+    def text(cls, what: str, pem: str, origin: str) -> Source:
+        return cls(what=what, origin=origin, inline=pem)
+
+    @property
+    def is_file(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        """How messages refer to this source."""
+        if self.path is not None:
+            return f"{self.what} file '{self.path}'"
+        return f"inline {self.what} ({self.origin})"
+
+    def read(self) -> bytes:
+        """The current bytes; a missing or unreadable file is an io error."""
+        if self.inline is not None:
+            return self.inline.encode()
+        assert self.path is not None
+        try:
+            with open(self.path, "rb") as handle:
+                return handle.read()
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise MaterialError(
+                f"{self.describe()}: cannot read it: {reason}", kind="io"
+            ) from None
+
+    def __repr__(self) -> str:
+        # Inline material may be a private key: never show it.
+        shown = self.path if self.path is not None else "<inline>"
+        return f"Source({self.what!r}, {shown!r}, origin={self.origin!r})"
+
+
+@dataclass(frozen=True)
+class Material:
+    """A checked chain and key, and what the gateway says about them."""
+
+    bundle: _core.Bundle
+    subject: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    notes: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.bundle.fingerprint
+
+    def validity_problem(self, now: dt.datetime | None = None) -> str | None:
+        """Why the leaf is outside its validity window, or None."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if now > self.not_after:
+            return f"certificate expired on {_day(self.not_after)}"
+        if now < self.not_before:
+            return f"certificate is not valid before {_day(self.not_before)}"
+        return None
+
+
+def load_material(
+    cert: Source,
+    key: Source,
+    *,
+    require_valid: bool = False,
+    now: dt.datetime | None = None,
+) -> Material:
+    """Reads and checks a pair; raises MaterialError with one line that
+    names the source at fault and the reason.
+
+    With `require_valid`, a leaf outside its validity window is refused
+    (a reload); without it the caller decides (startup serves an expired
+    certificate and says so loudly).
+    """
+    cert_pem = cert.read()
+    key_pem = key.read()
+    return check_material(cert_pem, key_pem, cert, key, require_valid=require_valid, now=now)
+
+
+def check_material(
+    cert_pem: bytes,
+    key_pem: bytes,
+    cert: Source,
+    key: Source,
+    *,
+    require_valid: bool = False,
+    now: dt.datetime | None = None,
+) -> Material:
+    """As load_material, for bytes already read."""
+    try:
+        bundle = _core.parse_bundle(cert_pem, key_pem)
+    except _core.PemError as err:
+        slot = getattr(err, "slot", "pair")
+        if slot == "certificate":
+            where = cert.describe()
+        elif slot == "key":
+            where = key.describe()
+        else:
+            where = f"{cert.describe()} and {key.describe()}"
+        raise MaterialError(f"{where}: {err}") from None
+
+    chain = [x509.load_der_x509_certificate(der) for der in bundle.certificates]
+    leaf = chain[0]
+    material = Material(
+        bundle=bundle,
+        subject=describe_subject(leaf.subject),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        notes=tuple(_chain_notes(chain, cert)),
+    )
+    if require_valid:
+        problem = material.validity_problem(now)
+        if problem is not None:
+            raise MaterialError(f"{cert.describe()}: {problem}")
+    return material
+
+
+def describe_subject(name: x509.Name) -> str:
+    """The subject as the startup line shows it: CN, OU, O, L, S, C in
+    that order, only those present, values as written."""
+    parts = [
+        f"{short}={attribute.value!s}"
+        for oid, short in _SUBJECT_ORDER
+        for attribute in name.get_attributes_for_oid(oid)
+    ]
+    if parts:
+        return ", ".join(parts)
+    return name.rfc4514_string() or "(empty subject)"
+
+
+def _chain_notes(chain: list[x509.Certificate], cert: Source) -> list[str]:
+    """Facts about the chain worth a line in the log, not errors.
+
+    A file with the leaf alone is fine when clients trust its issuer
+    directly (a private CA); when the issuer is an intermediate, clients
+    that trust only the root fail with "unknown issuer". We cannot tell
+    the two apart from the file, so we say what we see.
+    """
+    leaf = chain[0]
+    if leaf.issuer == leaf.subject:
+        return []
+    if any(other.subject == leaf.issuer for other in chain[1:]):
+        return []
+    return [
+        f"chain incomplete: the issuer of the leaf "
+        f"({describe_subject(leaf.issuer)}) is not in {cert.describe()}; "
+        f"fine if clients trust that issuer directly, but if it is an "
+        f"intermediate CA, append it after the leaf"
+    ]
+
+
+def _day(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
