@@ -101,9 +101,7 @@ def _resolve(host: str, port: int, flag: str, text: str) -> list[tuple[str, int]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise ConfigError(
-            f"{flag} '{text}': cannot resolve '{host}': {err.strerror}"
-        ) from None
+        raise ConfigError(f"{flag} '{text}': cannot resolve '{host}': {err.strerror}") from None
     found: list[tuple[str, int]] = []
     for family, _, _, _, sockaddr in infos:
         entry = (str(sockaddr[0]), int(family))

@@ -6,6 +6,7 @@ __version__: str
 EXIT_BOOT_FAILED: int
 EXIT_PROTOCOL: int
 CRYPTO_PROVIDER: str
+HANDSHAKE_BUCKETS_US: list[int]
 
 class PemError(ValueError):
     """Certificate or key material that cannot be served.
@@ -33,6 +34,9 @@ class Bundle:
     @property
     def key_format(self) -> str:
         """The PEM label the key was found under."""
+
+    def same_as(self, other: Bundle) -> bool:
+        """Whether `other` decodes to the same chain and key."""
 
     def frame(
         self,

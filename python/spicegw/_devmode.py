@@ -54,9 +54,7 @@ def ensure(state: str) -> DevMaterial:
         created = True
 
     if created or not _leaf_usable(cert, key, ca):
-        leaf = _pki.issue(
-            ca, "localhost", names=_NAMES, organization="spicegw development"
-        )
+        leaf = _pki.issue(ca, "localhost", names=_NAMES, organization="spicegw development")
         _pki.write_file(key, leaf.key_pem(), private=True)
         _pki.write_file(cert, leaf.cert_pem())
         created = True
@@ -68,8 +66,7 @@ def _leaf_usable(cert_path: str, key_path: str, ca: _pki.Issued) -> bool:
         leaf = _pki.load_issued(cert_path, key_path)
     except (OSError, ValueError):
         return False
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
-        leaf.cert.issuer == ca.cert.subject
-        and leaf.cert.not_valid_after_utc - now > _RENEW_BEFORE
+        leaf.cert.issuer == ca.cert.subject and leaf.cert.not_valid_after_utc - now > _RENEW_BEFORE
     )

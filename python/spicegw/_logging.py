@@ -8,7 +8,7 @@ import time
 
 
 class _Formatter(logging.Formatter):
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed is narrower
 
     def __init__(self) -> None:
         super().__init__(

@@ -51,7 +51,7 @@ def _name(common_name: str, organization: str | None) -> x509.Name:
 def make_ca(common_name: str, organization: str | None = None) -> Issued:
     """A self-signed CA allowed to sign certificates and nothing else."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = _name(common_name, organization)
     cert = (
         x509.CertificateBuilder()
@@ -98,7 +98,7 @@ def issue(
     """A leaf signed by `ca`. `names` become subjectAltNames: IP addresses
     as IP entries, everything else as DNS names."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     usages = []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -135,9 +135,7 @@ def issue(
     )
     alt_names = [_general_name(name) for name in names]
     if alt_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(alt_names), critical=False
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 

@@ -118,13 +118,11 @@ class StatusServer:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return 400, "text/plain", b"bad request\n"
         method, target = parts[0], parts[1]
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"only GET and HEAD\n"
+        if method not in ("GET", "HEAD", "POST"):
+            return 405, "text/plain", b"only GET, HEAD and POST\n"
         return self._route(method, target.split("?", 1)[0])
 
-    def _respond(
-        self, client: _Client, response: Response, *, head_only: bool = False
-    ) -> None:
+    def _respond(self, client: _Client, response: Response, *, head_only: bool = False) -> None:
         status, content_type, body = response
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"

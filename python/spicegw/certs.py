@@ -70,9 +70,7 @@ class Source:
                 return handle.read()
         except OSError as err:
             reason = err.strerror or str(err)
-            raise MaterialError(
-                f"{self.describe()}: cannot read it: {reason}", kind="io"
-            ) from None
+            raise MaterialError(f"{self.describe()}: cannot read it: {reason}", kind="io") from None
 
     def __repr__(self) -> str:
         # Inline material may be a private key: never show it.
@@ -96,7 +94,7 @@ class Material:
 
     def validity_problem(self, now: dt.datetime | None = None) -> str | None:
         """Why the leaf is outside its validity window, or None."""
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         if now > self.not_after:
             return f"certificate expired on {_day(self.not_after)}"
         if now < self.not_before:
@@ -197,4 +195,3 @@ def _chain_notes(chain: list[x509.Certificate], cert: Source) -> list[str]:
 
 def _day(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
-

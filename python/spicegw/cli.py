@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _core, _devmode, _logging
+from . import _client, _core, _devmode, _logging
 from ._addresses import parse_listen, parse_upstream
+from ._reload import ScopeWatch
 from ._settings import PUBLIC, Endpoint, Limits, ScopeSettings, Settings
 from .certs import Material, Source, load_material
 from .errors import EXIT_CONFIG, ConfigError, SpicegwError
@@ -101,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints.add_argument("--http-upstream", metavar="ADDR")
     endpoints.add_argument("--flight", default=DEFAULT_FLIGHT, metavar="ADDR")
     endpoints.add_argument("--flight-upstream", metavar="ADDR")
-    endpoints.add_argument(
-        "--metrics", metavar="ADDR", help="the gateway's own status and metrics"
-    )
+    endpoints.add_argument("--metrics", metavar="ADDR", help="the gateway's own status and metrics")
 
     process = run.add_argument_group("processes and limits")
     process.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
@@ -116,8 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--worker-timeout", type=_seconds, default=10.0, metavar="DURATION")
     process.add_argument("--max-handshakes", type=_positive, default=1024, metavar="N")
     process.add_argument(
+        "--tls-poll-interval",
+        type=_seconds,
+        default=2.0,
+        metavar="DURATION",
+        help="how often certificate files are checked for changes",
+    )
+    process.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
+
+    for name, text in (
+        ("status", "show what a running gateway serves"),
+        ("reload", "make a running gateway check its certificate files now"),
+    ):
+        client = commands.add_parser(name, help=text, description=text)
+        client.add_argument(
+            "--endpoint",
+            default=_client.DEFAULT_ENDPOINT,
+            metavar="URL",
+            help="the gateway's --metrics address (default %(default)s)",
+        )
+        client.add_argument("--tls-root-certificate-file", metavar="PATH")
+        client.add_argument("--client-tls-certificate-file", metavar="PATH")
+        client.add_argument("--client-tls-key-file", metavar="PATH")
+        client.add_argument("--timeout", type=_seconds, default=10.0, metavar="DURATION")
     return parser
 
 
@@ -130,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "status":
+            return _status(_client_options(args))
+        if args.command == "reload":
+            return _reload(_client_options(args))
     except SpicegwError as err:
         sys.stderr.write(f"spicegw: error: {err}\n")
         return err.exit_code
@@ -140,9 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = run_settings(args)
-    materials: dict[str, Material] = {}
+    loaded: dict[str, tuple[Material, ScopeWatch | None]] = {}
     for scope in settings.scopes:
-        material = load_material(scope.cert, scope.key)
+        watch: ScopeWatch | None = None
+        if scope.reloadable:
+            watch, material = ScopeWatch.start(scope)
+        else:
+            material = load_material(scope.cert, scope.key)
         for note in material.notes:
             log.info("%s", note)
         problem = material.validity_problem()
@@ -154,11 +184,10 @@ def _run(args: argparse.Namespace) -> int:
             )
         if not scope.reloadable:
             log.info(
-                "the %s certificate comes from inline PEM; it is loaded once and "
-                "not hot-reloaded",
+                "the %s certificate comes from inline PEM; it is loaded once and not hot-reloaded",
                 scope.name,
             )
-        materials[scope.name] = material
+        loaded[scope.name] = (material, watch)
     if not settings.tls:
         log.warning(
             "TLS is disabled: every endpoint serves plaintext "
@@ -166,7 +195,73 @@ def _run(args: argparse.Namespace) -> int:
         )
     for endpoint in settings.endpoints:
         _check_bindable(endpoint)
-    return Supervisor(settings, materials).run()
+    return Supervisor(settings, loaded).run()
+
+
+def _client_options(args: argparse.Namespace) -> _client.ClientOptions:
+    return _client.ClientOptions(
+        endpoint=args.endpoint,
+        root_certificate_file=args.tls_root_certificate_file,
+        client_certificate_file=args.client_tls_certificate_file,
+        client_key_file=args.client_tls_key_file,
+        timeout=args.timeout,
+    )
+
+
+def _status(options: _client.ClientOptions) -> int:
+    ready = _client.get_json(options, "/v1/ready")
+    tls = _client.get_json(options, "/v1/tls")
+    print(
+        f"{options.endpoint}: {ready.get('ready_workers')}/{ready.get('workers')} workers "
+        f"ready, TLS {'on' if tls.get('tls') else 'off'}"
+    )
+    scopes = tls.get("scopes")
+    for name, scope in scopes.items() if isinstance(scopes, dict) else []:
+        if not isinstance(scope, dict):
+            continue
+        workers = scope.get("workers")
+        workers = workers if isinstance(workers, list) else []
+        current = sum(1 for w in workers if w.get("generation") == scope.get("generation"))
+        print(
+            f"{name}: {scope.get('subject')}; generation {scope.get('generation')}, "
+            f"sha256 {scope.get('fingerprint')}, valid until {scope.get('not_after')}, "
+            f"{'hot-reloaded' if scope.get('reloadable') else 'inline (not reloaded)'}; "
+            f"{current}/{len(workers)} workers serve it"
+        )
+    return 0 if ready.get("ready") else 1
+
+
+def _reload(options: _client.ClientOptions) -> int:
+    answer = _client.post_json(options, "/v1/reload")
+    scopes = answer.get("scopes")
+    if not isinstance(scopes, dict) or not scopes:
+        print(answer.get("message", "nothing to reload"))
+        return 0
+    failed = False
+    for name, outcome in scopes.items():
+        result = outcome.get("result")
+        if result in ("ok", "unchanged"):
+            generation = outcome.get("generation")
+            serving, total = (
+                _client.wait_for_generation(options, name, generation)
+                if isinstance(generation, int)
+                else (0, 0)
+            )
+            print(
+                f"{name}: {result}: {outcome.get('message')}; serving generation "
+                f"{generation}, {outcome.get('subject')}, sha256 {outcome.get('fingerprint')} "
+                f"({serving}/{total} workers)"
+            )
+            failed |= serving < total
+        elif result == "inline":
+            print(f"{name}: {outcome.get('message')}")
+        else:
+            failed = True
+            print(
+                f"{name}: rejected ({result}): {outcome.get('message')}; still serving "
+                f"generation {outcome.get('generation')}, sha256 {outcome.get('fingerprint')}"
+            )
+    return 1 if failed else 0
 
 
 def run_settings(args: argparse.Namespace) -> Settings:
@@ -175,11 +270,18 @@ def run_settings(args: argparse.Namespace) -> Settings:
     if args.dev:
         dev = _devmode.ensure(_devmode.state_dir(args.state_dir))
         if dev.created:
-            log.info("created a development CA and localhost certificate in %s",
-                     os.path.dirname(dev.ca_path))
+            log.info(
+                "created a development CA and localhost certificate in %s",
+                os.path.dirname(dev.ca_path),
+            )
 
-    cert = _source("certificate", args.tls_certificate_file, args.tls_certificate,
-                   "--tls-certificate-file", "--tls-certificate")
+    cert = _source(
+        "certificate",
+        args.tls_certificate_file,
+        args.tls_certificate,
+        "--tls-certificate-file",
+        "--tls-certificate",
+    )
     key = _source("key", args.tls_key_file, args.tls_key, "--tls-key-file", "--tls-key")
     if dev is not None and cert is None and key is None:
         cert = Source.file("certificate", dev.cert_path, "--dev")
@@ -203,8 +305,7 @@ def run_settings(args: argparse.Namespace) -> Settings:
             )
         if key is None:
             raise ConfigError(
-                "a TLS certificate is given but no key: add --tls-key-file "
-                "(or --tls-key)"
+                "a TLS certificate is given but no key: add --tls-key-file (or --tls-key)"
             )
         scopes = (ScopeSettings(PUBLIC, cert, key),)
     elif cert is not None or key is not None:
@@ -254,8 +355,7 @@ def run_settings(args: argparse.Namespace) -> Settings:
         )
     if not endpoints:
         raise ConfigError(
-            "nothing to serve: give --http-upstream or --flight-upstream "
-            "(or try --dev)"
+            "nothing to serve: give --http-upstream or --flight-upstream (or try --dev)"
         )
     _check_distinct(endpoints)
 
@@ -267,9 +367,7 @@ def run_settings(args: argparse.Namespace) -> Settings:
             "production",
             dev.ca_path,
         )
-        log.info(
-            "try: curl --cacert %s https://localhost:%d/health", dev.ca_path, http.listen.port
-        )
+        log.info("try: curl --cacert %s https://localhost:%d/health", dev.ca_path, http.listen.port)
 
     return Settings(
         endpoints=tuple(endpoints),
@@ -283,6 +381,7 @@ def run_settings(args: argparse.Namespace) -> Settings:
         ),
         drain_timeout=args.drain_timeout,
         worker_timeout=args.worker_timeout,
+        poll_interval=args.tls_poll_interval,
         dev=dev,
     )
 

@@ -19,16 +19,20 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _core, _workers
+from ._metrics import GatewayView, Metrics
 from ._protocol import Kind
+from ._reload import OK, Change, ScopeWatch
 from ._settings import Settings
 from ._status import Response, StatusServer
 from .certs import Material
 from .errors import EXIT_OK, EXIT_WORKERS_FAILED
 
 log = logging.getLogger("runtime")
+tls_log = logging.getLogger("runtime.tls")
 
 # A worker must say Ready this soon after it is forked.
 BOOT_TIMEOUT = 30.0
@@ -53,7 +57,13 @@ class Scope:
     material: Material
     generation: int
     frame: bytes  # the Bundle frame; holds the key, never logged
-    reloadable: bool
+    watch: ScopeWatch | None  # None for inline material
+    # When the served generation was accepted, until every worker has it.
+    converging_since: float | None = None
+
+    @property
+    def reloadable(self) -> bool:
+        return self.watch is not None
 
 
 def _ignore_signal(_signum: int, _frame: object) -> None:
@@ -65,20 +75,20 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        materials: dict[str, Material],
+        loaded: dict[str, tuple[Material, ScopeWatch | None]],
     ) -> None:
         self.settings = settings
         self._generation = 0
         self._scopes: dict[str, Scope] = {}
         for scope_settings in settings.scopes:
             self._generation += 1
-            material = materials[scope_settings.name]
+            material, watch = loaded[scope_settings.name]
             self._scopes[scope_settings.name] = Scope(
                 name=scope_settings.name,
                 material=material,
                 generation=self._generation,
                 frame=material.bundle.frame(scope_settings.name, self._generation),
-                reloadable=scope_settings.reloadable,
+                watch=watch,
             )
 
         self._selector = selectors.DefaultSelector()
@@ -93,12 +103,15 @@ class Supervisor:
         self._boot_deadline = 0.0
         self._drain_deadline = 0.0
         self._next_ping = 0.0
+        self._next_poll = 0.0
         self._ping_seq = 0
+        # Last counters of workers that are gone, so totals never shrink.
+        self._retired: dict[str, object] = {}
+        self.metrics: Metrics | None = None
         self._runtime_dir = ""
         self._status: StatusServer | None = None
         self._signal_fds: tuple[int, int] | None = None
         self._config_json = ""
-
 
     def run(self) -> int:
         """Serves until drained; returns the process exit code."""
@@ -125,6 +138,10 @@ class Supervisor:
         for slot in range(self.settings.workers):
             self._spawn(slot)
         self._boot_deadline = time.monotonic() + BOOT_TIMEOUT
+        self._next_poll = time.monotonic() + self.settings.poll_interval
+        # Created after the first fork, as OpenTelemetry asks; the
+        # in-memory reader starts no thread, so later forks stay safe.
+        self.metrics = Metrics(self._metrics_view(), self._scopes)
 
     def _cleanup(self) -> None:
         for handle in list(self._by_pid.values()):
@@ -137,6 +154,8 @@ class Supervisor:
             handle.close()
         if self._status is not None:
             self._status.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         if self._runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
         if self._signal_fds is not None:
@@ -186,7 +205,6 @@ class Supervisor:
             }
         )
 
-
     def _tick(self) -> None:
         timeout = max(0.0, min(self._next_wakeup() - time.monotonic(), 1.0))
         for key, mask in self._selector.select(timeout):
@@ -196,6 +214,8 @@ class Supervisor:
 
     def _next_wakeup(self) -> float:
         candidates = [self._next_ping]
+        if self._state == "running" and any(s.watch for s in self._scopes.values()):
+            candidates.append(self._next_poll)
         candidates.extend(self._respawn_at.values())
         if self._state == "draining":
             candidates.append(self._drain_deadline)
@@ -225,10 +245,12 @@ class Supervisor:
                 del self._respawn_at[slot]
                 self._spawn(slot)
 
+        if self._state == "running" and now >= self._next_poll:
+            self._next_poll = now + self.settings.poll_interval
+            self.check_certificates()
+
         if self._state == "starting" and now >= self._boot_deadline:
-            log.error(
-                "workers did not become ready within %.0f s; stopping", BOOT_TIMEOUT
-            )
+            log.error("workers did not become ready within %.0f s; stopping", BOOT_TIMEOUT)
             self._halt(EXIT_WORKERS_FAILED)
             return
 
@@ -253,14 +275,13 @@ class Supervisor:
             handle.stopping = True
             _kill(handle.pid, signal.SIGKILL)
 
-
     def _on_signals(self, _mask: int) -> None:
         assert self._signal_fds is not None
         try:
             data = os.read(self._signal_fds[0], 256)
         except BlockingIOError:
             return
-        handlers = {
+        handlers: dict[int, Callable[[int], None]] = {
             signal.SIGTERM: self._on_stop_signal,
             signal.SIGINT: self._on_stop_signal,
             signal.SIGQUIT: self._on_quick_stop,
@@ -271,7 +292,7 @@ class Supervisor:
         # to the whole process group) must not be respawned.
         order = sorted(set(data), key=lambda signum: signum == signal.SIGCHLD)
         for signum in order:
-            handler = handlers.get(signal.Signals(signum))
+            handler = handlers.get(signum)
             if handler is not None:
                 handler(signum)
 
@@ -283,8 +304,7 @@ class Supervisor:
             return
         open_now = sum(_open_connections(h) for h in self._workers.values())
         log.info(
-            "%s received: refusing new connections, waiting up to %.0f s "
-            "for %d open connection(s)",
+            "%s received: refusing new connections, waiting up to %.0f s for %d open connection(s)",
             name,
             self.settings.drain_timeout,
             open_now,
@@ -299,7 +319,69 @@ class Supervisor:
         self._shutdown_workers(0.0)
 
     def _on_hup(self, _signum: int) -> None:
-        log.info("SIGHUP received: nothing to reload yet")
+        if not any(scope.watch for scope in self._scopes.values()):
+            log.info("SIGHUP received: no file-backed certificate to check")
+            return
+        log.info("SIGHUP received: checking the certificate files now")
+        changes = self.check_certificates()
+        if not changes:
+            log.info("certificate files unchanged since the last check")
+
+    def check_certificates(self) -> list[Change]:
+        """Looks at every watched scope once and acts on what changed."""
+        changes = []
+        for scope in self._scopes.values():
+            if scope.watch is None:
+                continue
+            change = scope.watch.check()
+            if change is None:
+                continue
+            changes.append(change)
+            self._apply(scope, change)
+        return changes
+
+    def _apply(self, scope: Scope, change: Change) -> None:
+        assert scope.watch is not None
+        files = f"{scope.watch.settings.cert.path}, {scope.watch.settings.key.path}"
+        if change.result == "unchanged":
+            tls_log.info("%s certificate: %s (%s)", scope.name, change.message, files)
+            return
+        if self.metrics is not None:
+            self.metrics.count_reload(scope.name, change.result)
+        if change.result != OK:
+            tls_log.error(
+                "%s certificate not reloaded (%s): %s; still serving generation %d, sha256 %s",
+                scope.name,
+                change.result,
+                change.message,
+                scope.generation,
+                _short(scope.material.fingerprint),
+            )
+            return
+
+        material = change.material
+        assert material is not None
+        scope.watch.accept(change)
+        self._generation += 1
+        scope.generation = self._generation
+        scope.material = material
+        scope.frame = material.bundle.frame(scope.name, scope.generation)
+        scope.converging_since = time.monotonic()
+        tls_log.info(
+            "%s certificate reloaded from %s: generation %d, %s, sha256 %s, "
+            "valid until %s; pushing to %d worker(s)",
+            scope.name,
+            files,
+            scope.generation,
+            material.subject,
+            _short(material.fingerprint),
+            material.not_after.strftime("%Y-%m-%d"),
+            len(self._workers),
+        )
+        for note in material.notes:
+            tls_log.info("%s", note)
+        for handle in self._workers.values():
+            self._send(handle, scope.frame)
 
     def _halt(self, code: int) -> None:
         """Stops everything after a failure the supervisor cannot fix."""
@@ -310,13 +392,10 @@ class Supervisor:
         self._state = "draining"
         self._respawn_at.clear()
         self._drain_deadline = time.monotonic() + deadline + KILL_GRACE
-        frame = _core.encode_frame(
-            Kind.SHUTDOWN, 0, round(deadline * 1000).to_bytes(4, "big")
-        )
+        frame = _core.encode_frame(Kind.SHUTDOWN, 0, round(deadline * 1000).to_bytes(4, "big"))
         for handle in self._by_pid.values():
             handle.stopping = True
             self._send(handle, frame)
-
 
     def _spawn(self, slot: int) -> None:
         config = json.loads(self._config_json)
@@ -390,6 +469,7 @@ class Supervisor:
         elif kind == Kind.ACK:
             body = json.loads(payload)
             handle.acks[body["scope"]] = _workers.Ack(generation, body["fingerprint"])
+            self._check_convergence(body["scope"])
         elif kind == Kind.READY:
             self._on_ready(handle)
         elif kind == Kind.NACK:
@@ -411,18 +491,41 @@ class Supervisor:
                 body.get("message", ""),
             )
 
+    def _check_convergence(self, name: str) -> None:
+        """Logs once when every worker serves a scope's new generation."""
+        scope = self._scopes.get(name)
+        if scope is None or scope.converging_since is None:
+            return
+        serving = sum(
+            1
+            for h in self._workers.values()
+            if name in h.acks and h.acks[name].generation == scope.generation
+        )
+        if serving < self.settings.workers:
+            return
+        took = time.monotonic() - scope.converging_since
+        scope.converging_since = None
+        tls_log.info(
+            "%d/%d workers serve %s generation %d, sha256 %s (%.0f ms after the check)",
+            serving,
+            self.settings.workers,
+            name,
+            scope.generation,
+            _short(scope.material.fingerprint),
+            took * 1000,
+        )
+
     def _on_ready(self, handle: _workers.WorkerHandle) -> None:
         handle.ready = True
         if self._state == "starting":
-            if all(h.ready for h in self._workers.values()) and len(
-                self._workers
-            ) == self.settings.workers:
+            if (
+                all(h.ready for h in self._workers.values())
+                and len(self._workers) == self.settings.workers
+            ):
                 self._state = "running"
                 self._announce()
         else:
-            log.info(
-                "worker %d (pid %d) is serving again", handle.index, handle.pid
-            )
+            log.info("worker %d (pid %d) is serving again", handle.index, handle.pid)
 
     def _announce(self) -> None:
         scheme = "https" if self.settings.tls else "http"
@@ -470,6 +573,7 @@ class Supervisor:
     def _on_exit(self, handle: _workers.WorkerHandle, code: int) -> None:
         self._forget_fds(handle)
         handle.close()
+        self._retired = _add_counts(self._retired, handle.stats)
         if self._workers.get(handle.index) is handle:
             del self._workers[handle.index]
         how = _describe_exit(code)
@@ -506,9 +610,7 @@ class Supervisor:
             self._failures[handle.index] = self._failures.get(handle.index, 0) + 1
 
         failures = self._failures.get(handle.index, 0)
-        delay = 0.0 if failures == 0 else min(
-            BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX
-        )
+        delay = 0.0 if failures == 0 else min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
         hint = " (out of memory?)" if code == -signal.SIGKILL else ""
         log.error(
             "worker %d (pid %d) %s%s; starting a replacement in %.1f s",
@@ -521,8 +623,15 @@ class Supervisor:
         self.restarts += 1
         self._respawn_at[handle.index] = time.monotonic() + delay
 
-
-    def _route(self, _method: str, path: str) -> Response:
+    def _route(self, method: str, path: str) -> Response:
+        if path == "/v1/reload":
+            if method != "POST":
+                return 405, "text/plain; charset=utf-8", b"use POST\n"
+            return 200, "application/json", _json(self._reload_request())
+        if method == "POST":
+            return 405, "text/plain; charset=utf-8", b"only /v1/reload takes POST\n"
+        if path == "/metrics" and self.metrics is not None:
+            return 200, "text/plain; version=0.0.4", self.metrics.prometheus().encode()
         if path == "/health":
             return 200, "text/plain; charset=utf-8", b"ok\n"
         if path == "/v1/ready":
@@ -536,9 +645,53 @@ class Supervisor:
         if path == "/v1/tls":
             return 200, "application/json", _json(self.tls_status())
         if path == "/":
-            index = "spicegw %s\n/health\n/v1/ready\n/v1/tls\n" % _core.__version__
+            index = f"spicegw {_core.__version__}\n/health\n/v1/ready\n/v1/tls\n/metrics\n"
             return 200, "text/plain; charset=utf-8", index.encode()
         return 404, "text/plain; charset=utf-8", b"not found\n"
+
+    def _reload_request(self) -> dict[str, object]:
+        """Runs a check now, as `spicegw reload` asks; says what happened
+        per scope."""
+        if not any(scope.watch for scope in self._scopes.values()):
+            return {"scopes": {}, "message": "no file-backed certificate to reload"}
+        log.info("reload requested over the status service: checking now")
+        changes = {change.scope: change for change in self.check_certificates()}
+        answer: dict[str, object] = {}
+        for name, scope in self._scopes.items():
+            if scope.watch is None:
+                answer[name] = {"result": "inline", "message": "inline material is not reloaded"}
+                continue
+            change = changes.get(name) or scope.watch.last
+            answer[name] = {
+                "result": change.result if change else "unchanged",
+                "message": change.message if change else "the files hold the served certificate",
+                "generation": scope.generation,
+                "fingerprint": scope.material.fingerprint,
+                "subject": scope.material.subject,
+            }
+        return {"scopes": answer}
+
+    def _metrics_view(self) -> GatewayView:
+        def totals() -> dict[str, object]:
+            result = dict(self._retired)
+            for handle in self._workers.values():
+                result = _add_counts(result, handle.stats)
+            return result
+
+        return GatewayView(
+            totals=totals,
+            open_connections=lambda: sum(_open_connections(h) for h in self._workers.values()),
+            workers_ready=lambda: sum(1 for h in self._workers.values() if h.ready),
+            restarts=lambda: self.restarts,
+            generations=lambda: [
+                (scope, h.index, ack.generation)
+                for h in self._workers.values()
+                for scope, ack in h.acks.items()
+            ],
+            not_after=lambda: [
+                (name, scope.material.not_after.timestamp()) for name, scope in self._scopes.items()
+            ],
+        )
 
     def tls_status(self) -> dict[str, object]:
         """What each scope serves, and what each worker acknowledged."""
@@ -563,6 +716,29 @@ class Supervisor:
                 ],
             }
         return {"tls": self.settings.tls, "scopes": scopes}
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[:16] + "…"
+
+
+def _add_counts(base: dict[str, object], more: dict[str, object]) -> dict[str, object]:
+    """Adds counters (numbers, and lists of numbers for histograms);
+    gauges such as open_connections are not summed across time."""
+    result = dict(base)
+    for key, value in more.items():
+        if key == "open_connections":
+            continue
+        current = result.get(key)
+        if isinstance(value, int):
+            result[key] = (current if isinstance(current, int) else 0) + value
+        elif isinstance(value, list):
+            old = current if isinstance(current, list) else []
+            length = max(len(old), len(value))
+            padded_old = old + [0] * (length - len(old))
+            padded_new = value + [0] * (length - len(value))
+            result[key] = [a + b for a, b in zip(padded_old, padded_new, strict=True)]
+    return result
 
 
 def _json(body: object) -> bytes:

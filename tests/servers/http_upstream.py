@@ -17,7 +17,7 @@ PATTERN = bytes(range(256)) * 256
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # Quiet: the tests read the gateway's log, not this one.
 
     def _reply(self, body: bytes, status: int = 200) -> None:
@@ -26,7 +26,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/hello":
             self._reply(b"hello from upstream")
         elif self.path.startswith("/bytes/"):
@@ -42,7 +42,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._reply(b"not found", 404)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         remaining = int(self.headers.get("Content-Length", "0"))
         digest = hashlib.sha256()
         while remaining:

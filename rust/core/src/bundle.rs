@@ -289,6 +289,14 @@ impl Bundle {
         Err(BundleError::KeyMismatch)
     }
 
+    /// Whether both hold the same chain and the same key in the same
+    /// encoding: a file rewritten with other line ends is no rotation.
+    pub fn same_as(&self, other: &Bundle) -> bool {
+        self.certs == other.certs
+            && self.key_format == other.key_format
+            && self.key_der == other.key_der
+    }
+
     /// The SHA-256 of the leaf certificate's DER, lowercase hex.
     pub fn fingerprint(&self, provider: &CryptoProvider) -> String {
         let digest = sha256(provider, &self.certs[0]);

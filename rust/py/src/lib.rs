@@ -58,6 +58,11 @@ impl Bundle {
         self.inner.key_format().label()
     }
 
+    /// Whether `other` decodes to the same chain and key.
+    fn same_as(&self, other: &Bundle) -> bool {
+        self.inner.same_as(&other.inner)
+    }
+
     /// A Bundle frame for a worker.
     #[pyo3(signature = (scope, generation, client_auth = "none", client_ca = Vec::new()))]
     fn frame<'py>(
@@ -256,6 +261,10 @@ mod _core {
         m.add("EXIT_BOOT_FAILED", super::worker::EXIT_BOOT_FAILED)?;
         m.add("EXIT_PROTOCOL", super::worker::EXIT_PROTOCOL)?;
         m.add("CRYPTO_PROVIDER", "aws-lc-rs")?;
+        m.add(
+            "HANDSHAKE_BUCKETS_US",
+            spicegw_core::stats::HANDSHAKE_BUCKETS_US.to_vec(),
+        )?;
         Ok(())
     }
 }
