@@ -128,3 +128,59 @@ def wait_for_generation(
         if (workers and serving == len(workers)) or time.monotonic() > deadline:
             return serving, len(workers)
         time.sleep(0.1)
+
+
+def print_status(options: ClientOptions) -> int:
+    ready = get_json(options, "/v1/ready")
+    tls = get_json(options, "/v1/tls")
+    print(
+        f"{options.endpoint}: {ready.get('ready_workers')}/{ready.get('workers')} workers "
+        f"ready, TLS {'on' if tls.get('tls') else 'off'}"
+    )
+    scopes = tls.get("scopes")
+    for name, scope in scopes.items() if isinstance(scopes, dict) else []:
+        if not isinstance(scope, dict):
+            continue
+        workers = scope.get("workers")
+        workers = workers if isinstance(workers, list) else []
+        current = sum(1 for w in workers if w.get("generation") == scope.get("generation"))
+        print(
+            f"{name}: {scope.get('subject')}; generation {scope.get('generation')}, "
+            f"sha256 {scope.get('fingerprint')}, valid until {scope.get('not_after')}, "
+            f"{'hot-reloaded' if scope.get('reloadable') else 'inline (not reloaded)'}; "
+            f"{current}/{len(workers)} workers serve it"
+        )
+    return 0 if ready.get("ready") else 1
+
+
+def print_reload(options: ClientOptions) -> int:
+    answer = post_json(options, "/v1/reload")
+    scopes = answer.get("scopes")
+    if not isinstance(scopes, dict) or not scopes:
+        print(answer.get("message", "nothing to reload"))
+        return 0
+    failed = False
+    for name, outcome in scopes.items():
+        result = outcome.get("result")
+        if result in ("ok", "unchanged"):
+            generation = outcome.get("generation")
+            serving, total = (
+                wait_for_generation(options, name, generation)
+                if isinstance(generation, int)
+                else (0, 0)
+            )
+            print(
+                f"{name}: {result}: {outcome.get('message')}; serving generation "
+                f"{generation}, {outcome.get('subject')}, sha256 {outcome.get('fingerprint')} "
+                f"({serving}/{total} workers)"
+            )
+            failed |= serving < total
+        elif result == "inline":
+            print(f"{name}: {outcome.get('message')}")
+        else:
+            failed = True
+            print(
+                f"{name}: rejected ({result}): {outcome.get('message')}; still serving "
+                f"generation {outcome.get('generation')}, sha256 {outcome.get('fingerprint')}"
+            )
+    return 1 if failed else 0

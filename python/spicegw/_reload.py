@@ -56,10 +56,10 @@ class ScopeWatch:
 
     @classmethod
     def start(cls, settings: ScopeSettings) -> tuple[ScopeWatch, Material]:
-        """Loads the startup pair (raising MaterialError) and watches it."""
-        cert_pem, key_pem = read_pair(settings.cert, settings.key)
-        material = check_material(cert_pem, key_pem, settings.cert, settings.key)
-        return cls(settings, material, _digest(cert_pem, key_pem)), material
+        """Loads the startup material (raising MaterialError) and watches it."""
+        files = read_files(settings)
+        material = _check(settings, files, require_valid=False)
+        return cls(settings, material, _digest(files)), material
 
     @property
     def served(self) -> Material:
@@ -80,20 +80,19 @@ class ScopeWatch:
 
     def _judge(self) -> Change | None:
         try:
-            pair = _read_stable(self.settings.cert, self.settings.key)
+            files = _read_stable(self.settings)
         except MaterialError as err:
             digest = hashlib.sha256(f"io\0{err}".encode()).digest()
             if digest == self._judged_digest:
                 return None
             self._judged_digest = digest
             return Change(self.settings.name, IO_ERROR, str(err))
-        if pair is None:
+        if files is None:
             # Caught mid-rotation: the files changed while we read them.
             # Nothing is judged; the next poll sees the settled state.
             return None
 
-        cert_pem, key_pem = pair
-        digest = _digest(cert_pem, key_pem)
+        digest = _digest(files)
         if digest == self._judged_digest:
             return None
         self._judged_digest = digest
@@ -105,17 +104,14 @@ class ScopeWatch:
             )
 
         try:
-            material = check_material(
-                cert_pem,
-                key_pem,
-                self.settings.cert,
-                self.settings.key,
-                require_valid=True,
-            )
+            material = _check(self.settings, files, require_valid=True)
         except MaterialError as err:
             result = IO_ERROR if err.kind == "io" else PARSE_ERROR
             return Change(self.settings.name, result, str(err))
-        if material.bundle.same_as(self._served.bundle):
+        if (
+            material.bundle.same_as(self._served.bundle)
+            and material.client_ca == self._served.client_ca
+        ):
             self._served_digest = digest
             return Change(
                 self.settings.name,
@@ -131,32 +127,67 @@ class ScopeWatch:
         self._served_digest = self._judged_digest
 
 
-def read_pair(cert: Source, key: Source) -> tuple[bytes, bytes]:
-    """Reads both halves, retrying a few times if caught mid-rotation."""
+def load_scope(settings: ScopeSettings) -> tuple[Material, ScopeWatch | None]:
+    """A scope's startup material, watched when it is file-backed.
+
+    Errors name the scope: "cannot load the cluster certificate: …".
+    """
+    try:
+        if settings.reloadable:
+            watch, material = ScopeWatch.start(settings)
+            return material, watch
+        return _check(settings, read_files(settings), require_valid=False), None
+    except MaterialError as err:
+        raise MaterialError(
+            f"cannot load the {settings.name} certificate: {err}", kind=err.kind
+        ) from None
+
+
+def read_files(settings: ScopeSettings) -> tuple[bytes, ...]:
+    """Reads every source of a scope, retrying if caught mid-rotation."""
     for _ in range(5):
-        pair = _read_stable(cert, key)
-        if pair is not None:
-            return pair
-    return cert.read(), key.read()
+        files = _read_stable(settings)
+        if files is not None:
+            return files
+    return tuple(source.read() for source in _sources(settings))
 
 
-def _read_stable(cert: Source, key: Source) -> tuple[bytes, bytes] | None:
-    """Certificate and key from one generation, or None when a rotation
-    happened while reading.
+def _sources(settings: ScopeSettings) -> tuple[Source, ...]:
+    if settings.client_ca is None:
+        return settings.cert, settings.key
+    return settings.cert, settings.key, settings.client_ca
+
+
+def _check(settings: ScopeSettings, files: tuple[bytes, ...], *, require_valid: bool) -> Material:
+    ca = (settings.client_ca, files[2]) if settings.client_ca is not None else None
+    return check_material(
+        files[0],
+        files[1],
+        settings.cert,
+        settings.key,
+        client_auth=settings.client_auth,
+        client_ca=ca,
+        require_valid=require_valid,
+    )
+
+
+def _read_stable(settings: ScopeSettings) -> tuple[bytes, ...] | None:
+    """Every source from one generation, or None when a rotation happened
+    while reading.
 
     Symlinks are resolved on every call (a Kubernetes secret volume swaps
-    its `..data` link); if either path resolves differently after the
-    reads, or a second read differs, the pair may mix two generations.
+    its `..data` link); if any path resolves differently after the reads,
+    or a second read differs, the set may mix two generations.
     """
-    before = _resolved(cert), _resolved(key)
-    cert_pem = cert.read()
-    key_pem = key.read()
-    after = _resolved(cert), _resolved(key)
+    sources = _sources(settings)
+    before = [_resolved(source) for source in sources]
+    first = tuple(source.read() for source in sources)
+    after = [_resolved(source) for source in sources]
     if before != after:
         return None
-    if cert.read() != cert_pem or key.read() != key_pem:
+    if tuple(source.read() for source in sources) != first:
         return None
-    return cert_pem, key_pem
+    return first
 
 
 def _resolved(source: Source) -> str | None:
@@ -165,9 +196,9 @@ def _resolved(source: Source) -> str | None:
     return os.path.realpath(source.path)
 
 
-def _digest(cert_pem: bytes, key_pem: bytes) -> bytes:
+def _digest(files: tuple[bytes, ...]) -> bytes:
     digest = hashlib.sha256()
-    for part in (cert_pem, key_pem):
+    for part in files:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.digest()

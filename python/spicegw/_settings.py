@@ -42,6 +42,7 @@ class Endpoint:
     upstream: Upstream | None
     scope: str | None
     alpn: tuple[str, ...] = ()
+    proxy_protocol: bool = False
     origin: str = ""
 
     def describe_upstream(self) -> str:

@@ -87,10 +87,17 @@ class Material:
     not_before: dt.datetime
     not_after: dt.datetime
     notes: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    client_auth: str = "none"
+    client_ca: tuple[bytes, ...] = ()
 
     @property
     def fingerprint(self) -> str:
         return self.bundle.fingerprint
+
+    def frame(self, scope: str, generation: int) -> bytes:
+        """The Bundle frame that carries this material to a worker."""
+        return self.bundle.frame(scope, generation, self.client_auth, list(self.client_ca))
 
     def validity_problem(self, now: dt.datetime | None = None) -> str | None:
         """Why the leaf is outside its validity window, or None."""
@@ -106,6 +113,8 @@ def load_material(
     cert: Source,
     key: Source,
     *,
+    client_auth: str = "none",
+    client_ca: Source | None = None,
     require_valid: bool = False,
     now: dt.datetime | None = None,
 ) -> Material:
@@ -118,7 +127,17 @@ def load_material(
     """
     cert_pem = cert.read()
     key_pem = key.read()
-    return check_material(cert_pem, key_pem, cert, key, require_valid=require_valid, now=now)
+    ca = (client_ca, client_ca.read()) if client_ca is not None else None
+    return check_material(
+        cert_pem,
+        key_pem,
+        cert,
+        key,
+        client_auth=client_auth,
+        client_ca=ca,
+        require_valid=require_valid,
+        now=now,
+    )
 
 
 def check_material(
@@ -127,6 +146,8 @@ def check_material(
     cert: Source,
     key: Source,
     *,
+    client_auth: str = "none",
+    client_ca: tuple[Source, bytes] | None = None,
     require_valid: bool = False,
     now: dt.datetime | None = None,
 ) -> Material:
@@ -151,12 +172,46 @@ def check_material(
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         notes=tuple(_chain_notes(chain, cert)),
+        names=_names(leaf),
+        client_auth=client_auth,
+        client_ca=_trust_anchors(*client_ca) if client_ca is not None else (),
     )
     if require_valid:
         problem = material.validity_problem(now)
         if problem is not None:
             raise MaterialError(f"{cert.describe()}: {problem}")
     return material
+
+
+def _trust_anchors(source: Source, pem: bytes) -> tuple[bytes, ...]:
+    """The CERTIFICATE blocks of a client CA file, each valid X.509."""
+    try:
+        blocks = _core.parse_pem(pem)
+    except _core.PemError as err:
+        raise MaterialError(f"{source.describe()}: {err}") from None
+    anchors = tuple(der for label, der in blocks if label == "CERTIFICATE")
+    if not anchors:
+        found = ", ".join(label for label, _ in blocks)
+        raise MaterialError(f"{source.describe()}: no CERTIFICATE block (found {found})")
+    for index, der in enumerate(anchors, start=1):
+        try:
+            x509.load_der_x509_certificate(der)
+        except ValueError as err:
+            raise MaterialError(
+                f"{source.describe()}: certificate #{index} is not valid X.509: {err}"
+            ) from None
+    return anchors
+
+
+def _names(leaf: x509.Certificate) -> tuple[str, ...]:
+    """The leaf's subjectAltNames: DNS names and IP addresses."""
+    try:
+        extension = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    names = extension.value.get_values_for_type(x509.DNSName)
+    addresses = extension.value.get_values_for_type(x509.IPAddress)
+    return tuple(names) + tuple(str(address) for address in addresses)
 
 
 def describe_subject(name: x509.Name) -> str:

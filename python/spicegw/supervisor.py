@@ -87,7 +87,7 @@ class Supervisor:
                 name=scope_settings.name,
                 material=material,
                 generation=self._generation,
-                frame=material.bundle.frame(scope_settings.name, self._generation),
+                frame=material.frame(scope_settings.name, self._generation),
                 watch=watch,
             )
 
@@ -193,6 +193,7 @@ class Supervisor:
                     "upstream": upstream,
                     "scope": endpoint.scope,
                     "alpn": list(endpoint.alpn),
+                    "proxy_protocol": endpoint.proxy_protocol,
                 }
             )
         return json.dumps(
@@ -342,7 +343,12 @@ class Supervisor:
 
     def _apply(self, scope: Scope, change: Change) -> None:
         assert scope.watch is not None
-        files = f"{scope.watch.settings.cert.path}, {scope.watch.settings.key.path}"
+        watched = scope.watch.settings
+        files = ", ".join(
+            str(source.path)
+            for source in (watched.cert, watched.key, watched.client_ca)
+            if source is not None
+        )
         if change.result == "unchanged":
             tls_log.info("%s certificate: %s (%s)", scope.name, change.message, files)
             return
@@ -365,7 +371,7 @@ class Supervisor:
         self._generation += 1
         scope.generation = self._generation
         scope.material = material
-        scope.frame = material.bundle.frame(scope.name, scope.generation)
+        scope.frame = material.frame(scope.name, scope.generation)
         scope.converging_since = time.monotonic()
         tls_log.info(
             "%s certificate reloaded from %s: generation %d, %s, sha256 %s, "

@@ -36,6 +36,9 @@ pub struct EndpointConfig {
     /// ALPN protocols offered, in order of preference.
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// Send a PROXY protocol v2 header to the upstream first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// Where an endpoint's connections are relayed to.

@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod config;
 pub mod frame;
 pub mod pem;
+pub mod proxy;
 pub mod relay;
 pub mod stats;
 pub mod tls;

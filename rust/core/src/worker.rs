@@ -32,7 +32,7 @@ use crate::frame::{self, BundleMessage, Decoder, Frame, Kind};
 use crate::relay::relay;
 use crate::stats::Stats;
 use crate::tls::ScopeTls;
-use crate::upstream;
+use crate::{proxy, upstream};
 
 /// The worker served and drained normally, or its supervisor is gone.
 pub const EXIT_OK: i32 = 0;
@@ -459,9 +459,14 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     let endpoint = &shared.endpoints[index];
     let stats = &shared.stats;
     let limits = &shared.limits;
+    let addresses = match endpoint.config.proxy_protocol {
+        true => tcp.peer_addr().ok().zip(tcp.local_addr().ok()),
+        false => None,
+    };
 
     let Some(tls) = &endpoint.tls else {
-        let Some(mut upstream) = connect_upstream(&shared, index).await else {
+        let header = addresses.map(|(client, local)| proxy::header(client, local, None));
+        let Some(mut upstream) = connect_upstream(&shared, index, header).await else {
             return;
         };
         let mut tcp = tcp;
@@ -497,12 +502,17 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     };
     drop(permit);
     stats.observe_handshake(accepted_at.elapsed().as_micros() as u64);
-    match client.get_ref().1.protocol_version() {
+    let session = client.get_ref().1;
+    match session.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => Stats::bump(&stats.handshakes_tls12),
         _ => Stats::bump(&stats.handshakes_tls13),
     }
 
-    let Some(mut upstream) = connect_upstream(&shared, index).await else {
+    let header = addresses.map(|(peer, local)| {
+        let facts = tls_facts(session);
+        proxy::header(peer, local, Some(&facts))
+    });
+    let Some(mut upstream) = connect_upstream(&shared, index, header).await else {
         return;
     };
     let _ = relay(
@@ -515,14 +525,41 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     .await;
 }
 
-async fn connect_upstream(shared: &Shared, index: usize) -> Option<upstream::UpstreamStream> {
+/// What a PROXY header reports about a finished handshake.
+fn tls_facts(session: &rustls::ServerConnection) -> proxy::TlsFacts {
+    proxy::TlsFacts {
+        sni: session.server_name().map(str::to_owned),
+        alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+        version: match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+            Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+            _ => None,
+        },
+        cipher: session
+            .negotiated_cipher_suite()
+            .and_then(|suite| suite.suite().as_str())
+            .map(str::to_owned),
+        client_cert: session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|cert| cert.as_ref().to_vec()),
+    }
+}
+
+async fn connect_upstream(
+    shared: &Shared,
+    index: usize,
+    proxy_header: Option<Vec<u8>>,
+) -> Option<upstream::UpstreamStream> {
     let endpoint = &shared.endpoints[index].config;
-    match timeout(
-        shared.limits.connect_timeout(),
-        upstream::connect(&endpoint.upstream),
-    )
-    .await
-    {
+    let connect = async {
+        let mut stream = upstream::connect(&endpoint.upstream).await?;
+        if let Some(header) = proxy_header {
+            stream.write_all(&header).await?;
+        }
+        Ok::<_, io::Error>(stream)
+    };
+    match timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(stream)) => Some(stream),
         _ => {
             Stats::bump(&shared.stats.upstream_connect_errors);
