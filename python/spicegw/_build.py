@@ -137,6 +137,7 @@ def build(args: argparse.Namespace, pod: _config.Spicepod | None) -> Settings:
         drain_timeout=args.drain_timeout,
         worker_timeout=args.worker_timeout,
         poll_interval=args.tls_poll_interval,
+        ticket_rotation=args.tls_ticket_rotation,
         dev=dev,
     )
 

@@ -2,6 +2,22 @@
 
 from typing import final
 
+__all__ = [
+    "CRYPTO_PROVIDER",
+    "EXIT_BOOT_FAILED",
+    "EXIT_PROTOCOL",
+    "HANDSHAKE_BUCKETS_US",
+    "Bundle",
+    "FrameDecoder",
+    "PemError",
+    "__version__",
+    "encode_frame",
+    "parse_bundle",
+    "parse_pem",
+    "run_worker",
+    "set_parent_death_signal",
+]
+
 __version__: str
 EXIT_BOOT_FAILED: int
 EXIT_PROTOCOL: int

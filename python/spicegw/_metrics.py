@@ -52,6 +52,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "TLS handshakes by result (ok, error, timeout) and protocol version.",
     ),
     MetricSpec(
+        "runtime_tls_resumed_handshakes_total",
+        "counter",
+        (),
+        "Handshakes that resumed an earlier session (a ticket from any worker).",
+    ),
+    MetricSpec(
         "runtime_tls_handshake_duration_seconds_bucket",
         "counter",
         ("le",),
@@ -159,6 +165,7 @@ class Metrics:
 
         observers: dict[str, Callable[[CallbackOptions], Iterable[Observation]]] = {
             "runtime_tls_handshakes_total": self._handshakes,
+            "runtime_tls_resumed_handshakes_total": self._total("handshakes_resumed"),
             "runtime_tls_handshake_duration_seconds_bucket": self._duration_buckets,
             "runtime_tls_handshake_duration_seconds_sum": self._duration_sum,
             "runtime_tls_certificate_not_after_seconds": self._not_after,

@@ -12,6 +12,7 @@ import enum
 
 class Kind(enum.IntEnum):
     BUNDLE = 1
+    TICKET_KEYS = 2
     SHUTDOWN = 3
     PING = 4
     READY = 64

@@ -75,6 +75,7 @@ class Settings:
     drain_timeout: float = 30.0
     worker_timeout: float = 10.0
     poll_interval: float = 2.0
+    ticket_rotation: float = 3600.0
     stats_interval: float = 1.0
     dev: DevMaterial | None = None
 

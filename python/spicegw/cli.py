@@ -179,6 +179,13 @@ def _add_serving_flags(command: argparse.ArgumentParser) -> None:
         help="how often certificate files are checked for changes",
     )
     process.add_argument(
+        "--tls-ticket-rotation",
+        type=_seconds,
+        default=3600.0,
+        metavar="DURATION",
+        help="session ticket key lifetime; the previous key stays valid one more period",
+    )
+    process.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
     )
 

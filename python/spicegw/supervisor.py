@@ -28,6 +28,7 @@ from ._protocol import Kind
 from ._reload import OK, Change, ScopeWatch
 from ._settings import Settings
 from ._status import Response, StatusServer
+from ._tickets import TicketKeyRing
 from .certs import Material
 from .errors import EXIT_OK, EXIT_WORKERS_FAILED
 
@@ -91,6 +92,7 @@ class Supervisor:
                 watch=watch,
             )
 
+        self._tickets = TicketKeyRing(settings.ticket_rotation, time.monotonic())
         self._selector = selectors.DefaultSelector()
         self._workers: dict[int, _workers.WorkerHandle] = {}
         self._by_pid: dict[int, _workers.WorkerHandle] = {}
@@ -214,7 +216,7 @@ class Supervisor:
         self._housekeeping(time.monotonic())
 
     def _next_wakeup(self) -> float:
-        candidates = [self._next_ping]
+        candidates = [self._next_ping, self._tickets.next_rotation]
         if self._state == "running" and any(s.watch for s in self._scopes.values()):
             candidates.append(self._next_poll)
         candidates.extend(self._respawn_at.values())
@@ -245,6 +247,13 @@ class Supervisor:
             if now >= when:
                 del self._respawn_at[slot]
                 self._spawn(slot)
+
+        if now >= self._tickets.next_rotation:
+            self._tickets.rotate(now)
+            frame = self._tickets.frame()
+            for handle in self._workers.values():
+                self._send(handle, frame)
+            log.debug("session ticket keys rotated (generation %d)", self._tickets.generation)
 
         if self._state == "running" and now >= self._next_poll:
             self._next_poll = now + self.settings.poll_interval
@@ -406,7 +415,8 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         config = json.loads(self._config_json)
         config["index"] = slot
-        frames = [scope.frame for scope in self._scopes.values()]
+        frames = [self._tickets.frame()]
+        frames += [scope.frame for scope in self._scopes.values()]
         handle = _workers.spawn(slot, json.dumps(config), frames)
         self._workers[slot] = handle
         self._by_pid[handle.pid] = handle
@@ -650,8 +660,11 @@ class Supervisor:
             return (200 if body["ready"] else 503), "application/json", _json(body)
         if path == "/v1/tls":
             return 200, "application/json", _json(self.tls_status())
+        if path == "/v1/workers":
+            return 200, "application/json", _json(self.worker_status())
         if path == "/":
-            index = f"spicegw {_core.__version__}\n/health\n/v1/ready\n/v1/tls\n/metrics\n"
+            paths = ("/health", "/v1/ready", "/v1/tls", "/v1/workers", "/metrics")
+            index = f"spicegw {_core.__version__}\n" + "".join(p + "\n" for p in paths)
             return 200, "text/plain; charset=utf-8", index.encode()
         return 404, "text/plain; charset=utf-8", b"not found\n"
 
@@ -698,6 +711,22 @@ class Supervisor:
                 (name, scope.material.not_after.timestamp()) for name, scope in self._scopes.items()
             ],
         )
+
+    def worker_status(self) -> dict[str, object]:
+        """Each worker's process, readiness and last reported counters."""
+        return {
+            "workers": [
+                {
+                    "index": h.index,
+                    "pid": h.pid,
+                    "ready": h.ready,
+                    "uptime_seconds": round(time.monotonic() - h.started, 3),
+                    "stats": h.stats,
+                }
+                for h in sorted(self._workers.values(), key=lambda h: h.index)
+            ],
+            "restarts": self.restarts,
+        }
 
     def tls_status(self) -> dict[str, object]:
         """What each scope serves, and what each worker acknowledged."""

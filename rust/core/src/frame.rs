@@ -9,8 +9,8 @@
 //! ```
 //!
 //! Supervisor to worker: [`Kind::Bundle`] (one scope's chain, key and
-//! client-auth settings as tagged fields), [`Kind::Ping`] and
-//! [`Kind::Shutdown`]. Worker to supervisor: [`Kind::Ready`],
+//! client-auth settings as tagged fields), [`Kind::TicketKeys`],
+//! [`Kind::Ping`] and [`Kind::Shutdown`]. Worker to supervisor: [`Kind::Ready`],
 //! [`Kind::Ack`], [`Kind::Nack`], [`Kind::Stats`], [`Kind::Pong`],
 //! [`Kind::Log`] and [`Kind::Fatal`], each with a small JSON payload.
 
@@ -33,6 +33,8 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 pub enum Kind {
     /// A scope's certificate bundle; `generation` numbers it.
     Bundle = 1,
+    /// Session ticket master keys, newest first (see `tickets`).
+    TicketKeys = 2,
     /// Stop accepting, drain, exit; payload: deadline in ms (u32, BE).
     Shutdown = 3,
     /// Liveness probe; the worker answers with a Pong of the same number.
@@ -57,6 +59,7 @@ impl Kind {
     fn from_u8(value: u8) -> Option<Self> {
         Some(match value {
             1 => Self::Bundle,
+            2 => Self::TicketKeys,
             3 => Self::Shutdown,
             4 => Self::Ping,
             64 => Self::Ready,

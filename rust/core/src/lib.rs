@@ -16,6 +16,7 @@ pub mod pem;
 pub mod proxy;
 pub mod relay;
 pub mod stats;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;
 pub mod worker;

@@ -17,11 +17,16 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::bundle::BundleError;
+use crate::bundle::{sha256, BundleError};
 use crate::frame::{BundleMessage, ClientAuth};
+use crate::tickets::{SharedKeys, Ticketer};
 
-/// Sessions remembered for TLS 1.3 resumption, per scope and worker.
+/// Sessions remembered for resumption before ticket keys arrive, per
+/// scope and worker.
 const SESSION_CACHE_SIZE: usize = 4096;
+/// Tickets sent after a full TLS 1.3 handshake. One resumes the next
+/// connection; each extra one costs a seal and a record on every handshake.
+const TLS13_TICKETS: usize = 1;
 
 /// The crypto provider every handshake and every check uses.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -38,6 +43,8 @@ pub struct ScopeTls {
     client_ca: Vec<CertificateDer<'static>>,
     client_auth: ClientAuth,
     sessions: Arc<dyn StoresServerSessions>,
+    /// Names the client trust, so tickets die with it.
+    trust: Vec<u8>,
 }
 
 impl ScopeTls {
@@ -65,6 +72,10 @@ impl ScopeTls {
             _ => ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
         };
 
+        let mut trust = vec![message.client_auth as u8];
+        for ca in &message.client_ca {
+            trust.extend_from_slice(&sha256(&provider, ca));
+        }
         Ok(Self {
             generation,
             fingerprint: message.bundle.fingerprint(&provider),
@@ -73,11 +84,18 @@ impl ScopeTls {
             client_ca: message.client_ca.clone(),
             client_auth: message.client_auth,
             sessions,
+            trust: sha256(&provider, &trust),
         })
     }
 
-    /// A server configuration for one endpoint of this scope.
-    pub fn server_config(&self, alpn: &[String]) -> Result<Arc<ServerConfig>, String> {
+    /// A server configuration for one endpoint of this scope; tickets are
+    /// sealed with keys derived for this endpoint and this client trust.
+    pub fn server_config(
+        &self,
+        endpoint: &str,
+        alpn: &[String],
+        ticket_keys: &SharedKeys,
+    ) -> Result<Arc<ServerConfig>, String> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|err| err.to_string())?;
@@ -92,6 +110,11 @@ impl ScopeTls {
             .map(|protocol| protocol.as_bytes().to_vec())
             .collect();
         config.session_storage = Arc::clone(&self.sessions);
+        let mut context = endpoint.as_bytes().to_vec();
+        context.push(0);
+        context.extend_from_slice(&self.trust);
+        config.ticketer = Arc::new(Ticketer::new(Arc::clone(ticket_keys), context));
+        config.send_tls13_tickets = TLS13_TICKETS;
         Ok(Arc::new(config))
     }
 }

@@ -31,6 +31,7 @@ use crate::config::{EndpointConfig, Limits, WorkerConfig};
 use crate::frame::{self, BundleMessage, Decoder, Frame, Kind};
 use crate::relay::relay;
 use crate::stats::Stats;
+use crate::tickets::{SharedKeys, TicketKeys};
 use crate::tls::ScopeTls;
 use crate::{proxy, upstream};
 
@@ -90,6 +91,7 @@ struct Control {
     decoder: Decoder,
     read_buf: Vec<u8>,
     scopes: HashMap<String, ScopeTls>,
+    ticket_keys: SharedKeys,
 }
 
 enum Outcome {
@@ -107,6 +109,7 @@ impl Control {
             decoder: Decoder::default(),
             read_buf: vec![0; 64 * 1024],
             scopes: HashMap::new(),
+            ticket_keys: Arc::new(ArcSwap::from_pointee(TicketKeys::default())),
         })
     }
 
@@ -212,6 +215,7 @@ impl Control {
                         .map_err(|err| format!("scope {}: {err}", message.scope))?;
                     self.scopes.insert(message.scope, tls);
                 }
+                Kind::TicketKeys => self.install_ticket_keys(&frame)?,
                 Kind::Ping => {
                     let _ = self.send(Kind::Pong, frame.generation, b"").await;
                 }
@@ -226,7 +230,7 @@ impl Control {
                 None => None,
                 Some(scope) => {
                     let server_config = self.scopes[scope]
-                        .server_config(&endpoint.alpn)
+                        .server_config(&endpoint.name, &endpoint.alpn, &self.ticket_keys)
                         .map_err(|err| format!("endpoint {}: {err}", endpoint.name))?;
                     Some(ArcSwap::new(server_config))
                 }
@@ -295,6 +299,12 @@ impl Control {
     async fn handle(&mut self, shared: &Arc<Shared>, frame: Frame) -> io::Result<Option<Outcome>> {
         match frame.kind {
             Kind::Bundle => self.install(shared, &frame).await?,
+            Kind::TicketKeys => {
+                if let Err(error) = self.install_ticket_keys(&frame) {
+                    let payload = json!({ "level": "error", "message": error }).to_string();
+                    self.send(Kind::Log, 0, payload.as_bytes()).await?;
+                }
+            }
             Kind::Ping => self.send(Kind::Pong, frame.generation, b"").await?,
             Kind::Shutdown => return Ok(Some(Outcome::Drain(shutdown_deadline(&frame)))),
             // Frames only workers send; a supervisor never sends them.
@@ -308,12 +318,15 @@ impl Control {
         let built = BundleMessage::decode(&frame.payload)
             .map_err(|err| err.to_string())
             .and_then(|message| {
-                let tls =
-                    ScopeTls::build(&message, frame.generation, self.scopes.get(&message.scope))?;
+                let previous = self.scopes.get(&message.scope);
+                let tls = ScopeTls::build(&message, frame.generation, previous)?;
                 let mut configs = Vec::new();
                 for endpoint in &shared.endpoints {
-                    if endpoint.config.scope.as_deref() == Some(message.scope.as_str()) {
-                        configs.push((endpoint, tls.server_config(&endpoint.config.alpn)?));
+                    let config = &endpoint.config;
+                    if config.scope.as_deref() == Some(message.scope.as_str()) {
+                        let server_config =
+                            tls.server_config(&config.name, &config.alpn, &self.ticket_keys)?;
+                        configs.push((endpoint, server_config));
                     }
                 }
                 Ok((message.scope, tls, configs))
@@ -336,6 +349,14 @@ impl Control {
                     .await
             }
         }
+    }
+
+    /// New session ticket keys; every endpoint's ticketer sees them at once.
+    fn install_ticket_keys(&self, frame: &Frame) -> Result<(), String> {
+        let keys = TicketKeys::decode(frame.generation, &frame.payload)
+            .map_err(|err| format!("ticket keys: {err}"))?;
+        self.ticket_keys.store(Arc::new(keys));
+        Ok(())
     }
 
     async fn ack(&mut self, scope: &str, generation: u64, fingerprint: &str) -> io::Result<()> {
@@ -506,6 +527,9 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     match session.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => Stats::bump(&stats.handshakes_tls12),
         _ => Stats::bump(&stats.handshakes_tls13),
+    }
+    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        Stats::bump(&stats.handshakes_resumed);
     }
 
     let header = addresses.map(|(peer, local)| {

@@ -152,6 +152,7 @@ fn encode_frame<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let payload = payload.unwrap_or_default();
     let kind = match kind {
+        2 => Kind::TicketKeys,
         3 => Kind::Shutdown,
         4 => Kind::Ping,
         _ => {
