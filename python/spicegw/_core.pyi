@@ -80,8 +80,8 @@ def parse_pem(text: bytes) -> list[tuple[str, bytes]]:
 def encode_frame(kind: int, generation: int, payload: bytes | None = None) -> bytes:
     """A Shutdown or Ping frame."""
 
-def run_worker(config: str, pipe_in: int, pipe_out: int) -> int:
-    """Serves until drained or orphaned; returns the exit code."""
+def run_worker(config: str, pipe_in: int, pipe_out: int, listeners: list[int]) -> int:
+    """Serves until drained or orphaned; owns every descriptor given."""
 
 def set_parent_death_signal(signal: int, expected_parent: int) -> bool:
     """PR_SET_PDEATHSIG; False when the parent is already gone."""

@@ -28,7 +28,6 @@ class Limits:
             "connect_timeout_ms": round(self.connect_timeout * 1000),
             "idle_timeout_ms": round(self.idle_timeout * 1000),
             "max_handshakes": self.max_handshakes,
-            "backlog": self.backlog,
         }
 
 

@@ -78,14 +78,20 @@ class WorkerHandle:
         self.outbox.clear()
 
 
-def spawn(index: int, config_json: str, initial_frames: list[bytes]) -> WorkerHandle:
-    """Forks a worker. The caller must have no other thread running."""
+def spawn(
+    index: int,
+    config_json: str,
+    initial_frames: list[bytes],
+    listeners: list[int],
+) -> WorkerHandle:
+    """Forks a worker that serves on `listeners` (one per endpoint). The
+    caller must have no other thread running."""
     down_r, down_w = os.pipe2(os.O_CLOEXEC)
     up_r, up_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(config_json, down_r, up_w, parent)
+        _child(config_json, down_r, up_w, listeners, parent)
 
     os.close(down_r)
     os.close(up_w)
@@ -106,7 +112,9 @@ def spawn(index: int, config_json: str, initial_frames: list[bytes]) -> WorkerHa
     return handle
 
 
-def _child(config_json: str, pipe_in: int, pipe_out: int, parent: int) -> NoReturn:
+def _child(
+    config_json: str, pipe_in: int, pipe_out: int, listeners: list[int], parent: int
+) -> NoReturn:
     """The forked worker: settle signals and descriptors, then hand the
     process to Rust for good."""
     code = EXIT_CHILD_SETUP
@@ -125,8 +133,8 @@ def _child(config_json: str, pipe_in: int, pipe_out: int, parent: int) -> NoRetu
             os._exit(0)
         # A core dump of a worker would hold private keys.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        _close_inherited(pipe_in, pipe_out)
-        code = _core.run_worker(config_json, pipe_in, pipe_out)
+        _close_inherited(pipe_in, pipe_out, *listeners)
+        code = _core.run_worker(config_json, pipe_in, pipe_out, listeners)
     except BaseException as err:  # noqa: BLE001 - the child must never return
         try:
             sys.stderr.write(f"spicegw worker: cannot start: {err}\n")
@@ -136,8 +144,9 @@ def _child(config_json: str, pipe_in: int, pipe_out: int, parent: int) -> NoRetu
 
 
 def _close_inherited(*keep: int) -> None:
-    """Closes every descriptor but stdio and `keep`: listeners, other
-    workers' pipes and the supervisor's selector stay with the supervisor."""
+    """Closes every descriptor but stdio and `keep`: other slots'
+    listeners, other workers' pipes and the supervisor's selector stay
+    with the supervisor."""
     low = 3
     for fd in sorted(keep):
         os.closerange(low, fd)

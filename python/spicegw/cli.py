@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _build, _client, _cookbook, _core, _inspect, _logging
+from . import _build, _client, _cookbook, _core, _inspect, _listeners, _logging
 from ._reload import ScopeWatch, load_scope
-from ._settings import Endpoint
 from .certs import Material
-from .errors import EXIT_CONFIG, ConfigError, SpicegwError
+from .errors import EXIT_CONFIG, SpicegwError
 from .supervisor import Supervisor
 
 log = logging.getLogger("runtime")
@@ -242,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
             "(enable it with --tls-enabled true and a certificate)"
         )
     for endpoint in settings.endpoints:
-        _check_bindable(endpoint)
+        _listeners.probe(endpoint)
     return Supervisor(settings, loaded).run()
 
 
@@ -254,25 +251,3 @@ def _client_options(args: argparse.Namespace) -> _client.ClientOptions:
         client_key_file=args.client_tls_key_file,
         timeout=args.timeout,
     )
-
-
-def _check_bindable(endpoint: Endpoint) -> None:
-    """Fails fast, with the flag named, when an address is taken.
-
-    The probe binds without SO_REUSEPORT, so a port held by any process,
-    another spicegw included, is reported instead of silently shared.
-    """
-    family = socket.AF_INET6 if ":" in endpoint.listen.host else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((endpoint.listen.host, endpoint.listen.port))
-    except OSError as err:
-        reason = {
-            errno.EADDRINUSE: "address already in use",
-            errno.EACCES: "permission denied (ports below 1024 need privileges)",
-            errno.EADDRNOTAVAIL: "address not available on this host",
-        }.get(err.errno or 0, err.strerror or str(err))
-        raise ConfigError(f"{endpoint.origin} {endpoint.listen}: {reason}") from None
-    finally:
-        probe.close()

@@ -16,13 +16,14 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _core, _workers
+from . import _core, _listeners, _workers
 from ._metrics import GatewayView, Metrics
 from ._protocol import Kind
 from ._reload import OK, Change, ScopeWatch
@@ -95,6 +96,8 @@ class Supervisor:
         self._tickets = TicketKeyRing(settings.ticket_rotation, time.monotonic())
         self._selector = selectors.DefaultSelector()
         self._workers: dict[int, _workers.WorkerHandle] = {}
+        # Per worker slot, one listening socket per endpoint (see _listeners).
+        self._sockets: dict[int, list[socket.socket]] = {}
         self._by_pid: dict[int, _workers.WorkerHandle] = {}
         self._respawn_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
@@ -132,6 +135,12 @@ class Supervisor:
         self._status = StatusServer(status_path, self._route, self._selector)
         self._config_json = self._worker_config(status_path)
 
+        for slot in range(self.settings.workers):
+            self._sockets[slot] = [
+                _listeners.open_listener(endpoint, self.settings.limits.backlog)
+                for endpoint in self.settings.endpoints
+            ]
+
         if threading.active_count() > 1:
             log.warning(
                 "%d threads are running before fork; workers may inherit held locks",
@@ -146,6 +155,7 @@ class Supervisor:
         self.metrics = Metrics(self._metrics_view(), self._scopes)
 
     def _cleanup(self) -> None:
+        self._close_sockets()
         for handle in list(self._by_pid.values()):
             _kill(handle.pid, signal.SIGKILL)
         for handle in list(self._by_pid.values()):
@@ -403,7 +413,16 @@ class Supervisor:
         self._exit_code = code
         self._shutdown_workers(0.0)
 
+    def _close_sockets(self) -> None:
+        for sockets in self._sockets.values():
+            for sock in sockets:
+                sock.close()
+        self._sockets.clear()
+
     def _shutdown_workers(self, deadline: float) -> None:
+        # New connections are refused once the workers close their copies
+        # of the listening sockets too.
+        self._close_sockets()
         self._state = "draining"
         self._respawn_at.clear()
         self._drain_deadline = time.monotonic() + deadline + KILL_GRACE
@@ -417,7 +436,8 @@ class Supervisor:
         config["index"] = slot
         frames = [self._tickets.frame()]
         frames += [scope.frame for scope in self._scopes.values()]
-        handle = _workers.spawn(slot, json.dumps(config), frames)
+        listeners = [sock.fileno() for sock in self._sockets[slot]]
+        handle = _workers.spawn(slot, json.dumps(config), frames, listeners)
         self._workers[slot] = handle
         self._by_pid[handle.pid] = handle
         self._selector.register(
@@ -602,7 +622,7 @@ class Supervisor:
         if not handle.ready:
             failures = self._failures.get(handle.index, 0) + 1
             self._failures[handle.index] = failures
-            if handle.fatal or code == _core.EXIT_BOOT_FAILED:
+            if handle.fatal or code in (_core.EXIT_BOOT_FAILED, _workers.EXIT_CHILD_SETUP):
                 log.error(
                     "worker %d cannot start: %s",
                     handle.index,

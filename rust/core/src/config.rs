@@ -64,8 +64,6 @@ pub struct Limits {
     /// Handshakes in progress at once; later clients wait for a slot
     /// until their handshake deadline, then are closed.
     pub max_handshakes: usize,
-    /// The listen backlog.
-    pub backlog: i32,
 }
 
 impl Default for Limits {
@@ -75,7 +73,6 @@ impl Default for Limits {
             connect_timeout_ms: 5_000,
             idle_timeout_ms: 300_000,
             max_handshakes: 1024,
-            backlog: 1024,
         }
     }
 }

@@ -1,15 +1,19 @@
 //! A worker process: its control loop on the supervisor's pipe, its
 //! listeners, and the life of every connection.
 //!
-//! The worker waits for a bundle for each scope it serves, binds its own
-//! SO_REUSEPORT listeners, says Ready, then serves until the supervisor
-//! asks it to drain or disappears. Connections never wait on the control
+//! The worker waits for a bundle for each scope it serves, starts
+//! accepting on its own SO_REUSEPORT listeners, says Ready, then serves
+//! until the supervisor asks it to drain or disappears.
+//!
+//! The supervisor creates each worker slot's listening sockets and keeps
+//! them open across the worker's lifetimes: when a worker dies, the
+//! connections queued on its socket wait for the replacement instead of
+//! being reset, as they would be if the socket closed with the worker. Connections never wait on the control
 //! loop: a new bundle is a pointer swap they pick up at their next
 //! handshake.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -18,7 +22,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use serde_json::json;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::{TcpListener, TcpStream};
@@ -51,8 +54,14 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// At most one log line per this interval for repeated accept errors.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs a worker to the end and returns its exit code.
-pub fn run(config: WorkerConfig, pipe_in: OwnedFd, pipe_out: OwnedFd) -> i32 {
+/// Runs a worker to the end and returns its exit code. `listeners` are the
+/// listening sockets of the endpoints, in the order of `config.endpoints`.
+pub fn run(
+    config: WorkerConfig,
+    pipe_in: OwnedFd,
+    pipe_out: OwnedFd,
+    listeners: Vec<OwnedFd>,
+) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -65,7 +74,7 @@ pub fn run(config: WorkerConfig, pipe_in: OwnedFd, pipe_out: OwnedFd) -> i32 {
             Ok(control) => control,
             Err(_) => return EXIT_BOOT_FAILED,
         };
-        control.run(config).await
+        control.run(config, listeners).await
     })
 }
 
@@ -113,7 +122,7 @@ impl Control {
         })
     }
 
-    async fn run(mut self, config: WorkerConfig) -> i32 {
+    async fn run(mut self, config: WorkerConfig, listeners: Vec<OwnedFd>) -> i32 {
         let shared = match self.boot(&config).await {
             Ok(Some(shared)) => shared,
             Ok(None) => return EXIT_OK,
@@ -127,12 +136,22 @@ impl Control {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
         let mut accept_tasks = Vec::new();
-        for (index, endpoint) in shared.endpoints.iter().enumerate() {
-            let listener = match bind(endpoint.config.listen, shared.limits.backlog) {
+        if listeners.len() != shared.endpoints.len() {
+            let message = format!(
+                "{} listening sockets for {} endpoints",
+                listeners.len(),
+                shared.endpoints.len()
+            );
+            let payload = json!({ "error": message }).to_string();
+            let _ = self.send(Kind::Fatal, 0, payload.as_bytes()).await;
+            return EXIT_BOOT_FAILED;
+        }
+        for ((index, endpoint), fd) in shared.endpoints.iter().enumerate().zip(listeners) {
+            let listener = match adopt_listener(fd) {
                 Ok(listener) => listener,
                 Err(err) => {
                     let message = format!(
-                        "cannot listen on {} (endpoint {}): {err}",
+                        "cannot use the listening socket of {} (endpoint {}): {err}",
                         endpoint.config.listen, endpoint.config.name
                     );
                     let payload = json!({ "error": message }).to_string();
@@ -399,18 +418,11 @@ fn shutdown_deadline(frame: &Frame) -> Duration {
     Duration::from_millis(millis.into())
 }
 
-/// A listening socket that shares its port with the other workers.
-fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog)?;
-    TcpListener::from_std(socket.into())
+/// Takes over a listening socket the supervisor created.
+fn adopt_listener(fd: OwnedFd) -> io::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 async fn accept_loop(

@@ -204,29 +204,39 @@ impl FrameDecoder {
 
 /// Serves as a worker until drained or orphaned; returns the exit code.
 ///
-/// Takes ownership of both pipe descriptors. The GIL is released for the
-/// whole run.
+/// Takes ownership of both pipe descriptors and of the listening sockets
+/// (one per endpoint, in config order). The GIL is released for the whole
+/// run.
 #[pyfunction]
-fn run_worker(py: Python<'_>, config: &str, pipe_in: RawFd, pipe_out: RawFd) -> PyResult<i32> {
+fn run_worker(
+    py: Python<'_>,
+    config: &str,
+    pipe_in: RawFd,
+    pipe_out: RawFd,
+    listeners: Vec<RawFd>,
+) -> PyResult<i32> {
     let config = WorkerConfig::from_json(config)
         .map_err(|err| PyValueError::new_err(format!("worker config: {err}")))?;
-    for fd in [pipe_in, pipe_out] {
+    let mut all = vec![pipe_in, pipe_out];
+    all.extend(&listeners);
+    let mut unique = all.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() != all.len() {
+        return Err(PyValueError::new_err("a descriptor is given twice"));
+    }
+    for &fd in &all {
         // SAFETY: fcntl(F_GETFD) only inspects the descriptor table.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(PyOSError::new_err(format!(
-                "pipe descriptor {fd} is not open"
-            )));
+            return Err(PyOSError::new_err(format!("descriptor {fd} is not open")));
         }
     }
-    // SAFETY: the caller hands both descriptors over (documented above) and
-    // we just checked they are open; nothing else closes them after this.
-    let (pipe_in, pipe_out) = unsafe {
-        (
-            OwnedFd::from_raw_fd(pipe_in),
-            OwnedFd::from_raw_fd(pipe_out),
-        )
-    };
-    Ok(py.detach(move || worker::run(config, pipe_in, pipe_out)))
+    // SAFETY: the caller hands every descriptor over (documented above), we
+    // just checked each is open and distinct, and nothing else closes them.
+    let owned = |fd: RawFd| unsafe { OwnedFd::from_raw_fd(fd) };
+    let (pipe_in, pipe_out) = (owned(pipe_in), owned(pipe_out));
+    let listeners = listeners.into_iter().map(owned).collect();
+    Ok(py.detach(move || worker::run(config, pipe_in, pipe_out, listeners)))
 }
 
 /// Asks the kernel to send `signal` to this process when its parent dies.
