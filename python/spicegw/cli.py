@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _build, _client, _cookbook, _core, _inspect, _listeners, _logging
+from . import _build, _client, _cookbook, _core, _inspect, _listeners, _logging, _scrub
 from ._reload import ScopeWatch, load_scope
 from .certs import Material
 from .errors import EXIT_CONFIG, SpicegwError
@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _build.build(args, _build.load_spicepod(args))
+    _hide_inline_keys()
     loaded: dict[str, tuple[Material, ScopeWatch | None]] = {}
     for scope in settings.scopes:
         material, watch = load_scope(scope)
@@ -241,6 +242,24 @@ def _run(args: argparse.Namespace) -> int:
     for endpoint in settings.endpoints:
         _listeners.probe(endpoint)
     return Supervisor(settings, loaded).run()
+
+
+def _hide_inline_keys() -> None:
+    try:
+        hidden = _scrub.scrub_private_keys()
+    except OSError as err:
+        log.warning(
+            "a private key given inline may stay visible in ps and /proc: cannot "
+            "rewrite this process's command line (%s)",
+            err.strerror or err,
+        )
+        return
+    if hidden:
+        log.info(
+            "hid %d inline private key(s) from this process's command line and "
+            "environment (ps, /proc)",
+            hidden,
+        )
 
 
 def _client_options(args: argparse.Namespace) -> _client.ClientOptions:
