@@ -130,7 +130,7 @@ class ScopeWatch:
 def load_scope(settings: ScopeSettings) -> tuple[Material, ScopeWatch | None]:
     """A scope's startup material, watched when it is file-backed.
 
-    Errors name the scope: "cannot load the cluster certificate: …".
+    Errors name the scope: "scope cluster: certificate file '…': …".
     """
     try:
         if settings.reloadable:
@@ -138,9 +138,7 @@ def load_scope(settings: ScopeSettings) -> tuple[Material, ScopeWatch | None]:
             return material, watch
         return _check(settings, read_files(settings), require_valid=False), None
     except MaterialError as err:
-        raise MaterialError(
-            f"cannot load the {settings.name} certificate: {err}", kind=err.kind
-        ) from None
+        raise MaterialError(f"scope {settings.name}: {err}", kind=err.kind) from None
 
 
 def read_files(settings: ScopeSettings) -> tuple[bytes, ...]:

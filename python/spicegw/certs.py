@@ -164,18 +164,24 @@ def check_material(
             where = f"{cert.describe()} and {key.describe()}"
         raise MaterialError(f"{where}: {err}") from None
 
-    chain = [x509.load_der_x509_certificate(der) for der in bundle.certificates]
-    leaf = chain[0]
-    material = Material(
-        bundle=bundle,
-        subject=describe_subject(leaf.subject),
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-        notes=tuple(_chain_notes(chain, cert)),
-        names=_names(leaf),
-        client_auth=client_auth,
-        client_ca=_trust_anchors(*client_ca) if client_ca is not None else (),
-    )
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in bundle.certificates]
+        leaf = chain[0]
+        material = Material(
+            bundle=bundle,
+            subject=describe_subject(leaf.subject),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            notes=tuple(_chain_notes(chain, cert)),
+            names=_names(leaf),
+            client_auth=client_auth,
+            client_ca=_trust_anchors(*client_ca) if client_ca is not None else (),
+        )
+    except ValueError as err:
+        # cryptography reads fields lazily and is stricter than rustls'
+        # parser; refusing what either cannot read keeps what the operator
+        # is told and what clients are served the same.
+        raise MaterialError(f"{cert.describe()}: certificate is not valid X.509: {err}") from None
     if require_valid:
         problem = material.validity_problem(now)
         if problem is not None:

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import _build, _client, _cookbook, _core, _inspect, _listeners, _logging, _scrub
-from ._reload import ScopeWatch, load_scope
-from .certs import Material
+from ._reload import load_scope
 from .errors import EXIT_CONFIG, SpicegwError
 from .supervisor import Supervisor
 
@@ -215,9 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = _build.build(args, _build.load_spicepod(args))
     _hide_inline_keys()
-    loaded: dict[str, tuple[Material, ScopeWatch | None]] = {}
+    # Load and probe everything first: a startup that fails says one line.
+    loaded = {scope.name: load_scope(scope) for scope in settings.scopes}
+    for endpoint in settings.endpoints:
+        _listeners.probe(endpoint)
+
     for scope in settings.scopes:
-        material, watch = load_scope(scope)
+        material, watch = loaded[scope.name]
         for note in material.notes:
             log.info("%s", note)
         problem = material.validity_problem()
@@ -233,14 +236,11 @@ def _run(args: argparse.Namespace) -> int:
                 "once and not hot-reloaded",
                 scope.name,
             )
-        loaded[scope.name] = (material, watch)
     if not settings.tls:
         log.warning(
             "TLS is disabled: every endpoint serves plaintext "
             "(enable it with --tls-enabled true and a certificate)"
         )
-    for endpoint in settings.endpoints:
-        _listeners.probe(endpoint)
     return Supervisor(settings, loaded).run()
 
 

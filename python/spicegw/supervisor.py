@@ -116,6 +116,7 @@ class Supervisor:
         self._runtime_dir = ""
         self._status: StatusServer | None = None
         self._signal_fds: tuple[int, int] | None = None
+        self._pending_signals: list[int] = []
         self._config_json = ""
 
     def run(self) -> int:
@@ -295,12 +296,21 @@ class Supervisor:
             handle.stopping = True
             _kill(handle.pid, signal.SIGKILL)
 
-    def _on_signals(self, _mask: int) -> None:
+    def _read_signals(self) -> None:
+        """Moves signal numbers from the wakeup pipe to the pending list."""
         assert self._signal_fds is not None
-        try:
-            data = os.read(self._signal_fds[0], 256)
-        except BlockingIOError:
-            return
+        while True:
+            try:
+                data = os.read(self._signal_fds[0], 256)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._pending_signals.extend(data)
+
+    def _on_signals(self, _mask: int) -> None:
+        self._read_signals()
+        pending, self._pending_signals = self._pending_signals, []
         handlers: dict[int, Callable[[int], None]] = {
             signal.SIGTERM: self._on_stop_signal,
             signal.SIGINT: self._on_stop_signal,
@@ -310,11 +320,24 @@ class Supervisor:
         }
         # Stop signals first: a worker that died of the same SIGTERM (sent
         # to the whole process group) must not be respawned.
-        order = sorted(set(data), key=lambda signum: signum == signal.SIGCHLD)
-        for signum in order:
+        for signum in sorted(set(pending), key=lambda signum: signum == signal.SIGCHLD):
             handler = handlers.get(signum)
             if handler is not None:
                 handler(signum)
+
+    def _stop_signal_pending(self) -> bool:
+        """Acts on a SIGTERM, SIGINT or SIGQUIT that arrived but was not
+        handled yet; True if there was one."""
+        self._read_signals()
+        for signum in self._pending_signals:
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self._pending_signals.remove(signum)
+                if signum == signal.SIGQUIT:
+                    self._on_quick_stop(signum)
+                else:
+                    self._on_stop_signal(signum)
+                return True
+        return False
 
     def _on_stop_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -322,12 +345,10 @@ class Supervisor:
             log.info("%s received again: closing open connections now", name)
             self._shutdown_workers(0.0)
             return
-        open_now = sum(_open_connections(h) for h in self._workers.values())
         log.info(
-            "%s received: refusing new connections, waiting up to %.0f s for %d open connection(s)",
+            "%s received: refusing new connections, letting open ones finish for up to %.0f s",
             name,
             self.settings.drain_timeout,
-            open_now,
         )
         self._shutdown_workers(self.settings.drain_timeout)
 
@@ -614,6 +635,10 @@ class Supervisor:
             del self._workers[handle.index]
         how = _describe_exit(code)
 
+        # A worker that drained because SIGTERM reached the whole process
+        # group may be reaped before the supervisor saw its own SIGTERM.
+        if self._state != "draining" and code == 0:
+            self._stop_signal_pending()
         if self._state == "draining":
             log.info("worker %d (pid %d) stopped (%s)", handle.index, handle.pid, how)
             return
@@ -648,7 +673,10 @@ class Supervisor:
         failures = self._failures.get(handle.index, 0)
         delay = 0.0 if failures == 0 else min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
         hint = " (out of memory?)" if code == -signal.SIGKILL else ""
-        log.error(
+        # Exit code 0 is a worker that drained on its own SIGTERM: an
+        # operator recycling it, not a crash.
+        log.log(
+            logging.WARNING if code == 0 else logging.ERROR,
             "worker %d (pid %d) %s%s; starting a replacement in %.1f s",
             handle.index,
             handle.pid,
