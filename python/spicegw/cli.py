@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = _build.build(args, _build.load_spicepod(args))
     _hide_inline_keys()
+    _raise_fd_limit()
     # Load and probe everything first: a startup that fails says one line.
     loaded = {scope.name: load_scope(scope) for scope in settings.scopes}
     for endpoint in settings.endpoints:
@@ -242,6 +244,20 @@ def _run(args: argparse.Namespace) -> int:
             "(enable it with --tls-enabled true and a certificate)"
         )
     return Supervisor(settings, loaded).run()
+
+
+def _raise_fd_limit() -> None:
+    """Every connection costs a worker two descriptors; the soft limit
+    (often 1024) would cap a worker near 500 connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the descriptor limit from %d: %s", soft, err)
+            return
+    log.debug("descriptor limit: %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def _hide_inline_keys() -> None:
