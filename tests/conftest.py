@@ -4,6 +4,7 @@ at teardown."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,10 @@ import pytest
 from spicegw import _pki
 
 from .harness import Gateway, Pair, Process, free_port, make_pair, start_upstream
+
+# Files the tests write are private, as a careful operator's are: spicegw
+# refuses a private key file that others may read.
+os.umask(0o077)
 
 
 @dataclass(frozen=True)

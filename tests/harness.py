@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -43,9 +44,27 @@ def wait_until(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range.
+
+    A port from the ephemeral range can be taken as the source port of
+    some outgoing connection before the gateway binds it (on a machine
+    where tests open thousands of short connections), and the gateway then
+    refuses to start with "address already in use". No outgoing connection
+    ever takes a port below the range.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low <= 12000:
+        raise AssertionError(f"ephemeral range starts at {low}; no quiet ports to use")
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as probe:
+            try:
+                # No SO_REUSEADDR: a port with a TIME_WAIT left on it fails here.
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found below the ephemeral range")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ subject, validity window, whether the chain is complete.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import stat
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -67,6 +69,8 @@ class Source:
         assert self.path is not None
         try:
             with open(self.path, "rb") as handle:
+                if self.what == "key":
+                    _check_private_mode(self, os.fstat(handle.fileno()))
                 return handle.read()
         except OSError as err:
             reason = err.strerror or str(err)
@@ -76,6 +80,19 @@ class Source:
         # Inline material may be a private key: never show it.
         shown = self.path if self.path is not None else "<inline>"
         return f"Source({self.what!r}, {shown!r}, origin={self.origin!r})"
+
+
+def _check_private_mode(source: Source, status: os.stat_result) -> None:
+    """A private key file must be 0600, or 0640 when owned by root (the
+    key then belongs to root and a group such as ssl-cert may read it)."""
+    mode = stat.S_IMODE(status.st_mode)
+    group_readable_by_root = status.st_uid == 0 and mode & 0o037 == 0
+    if mode & 0o077 and not group_readable_by_root:
+        raise MaterialError(
+            f"{source.describe()}: readable by others (mode {mode:04o}); make it 0600 "
+            "(chmod 600), or 0640 owned by root",
+            kind="io",
+        )
 
 
 @dataclass(frozen=True)

@@ -407,6 +407,7 @@ class Supervisor:
 
         material = change.material
         assert material is not None
+        new_notes = [note for note in material.notes if note not in scope.material.notes]
         scope.watch.accept(change)
         self._generation += 1
         scope.generation = self._generation
@@ -424,7 +425,7 @@ class Supervisor:
             material.not_after.strftime("%Y-%m-%d"),
             len(self._workers),
         )
-        for note in material.notes:
+        for note in new_notes:
             tls_log.info("%s", note)
         for handle in self._workers.values():
             self._send(handle, scope.frame)

@@ -289,12 +289,31 @@ impl Bundle {
         Err(BundleError::KeyMismatch)
     }
 
-    /// Whether both hold the same chain and the same key in the same
-    /// encoding: a file rewritten with other line ends is no rotation.
-    pub fn same_as(&self, other: &Bundle) -> bool {
-        self.certs == other.certs
-            && self.key_format == other.key_format
-            && self.key_der == other.key_der
+    /// Whether both hold the same chain and the same private key, however
+    /// encoded: line ends, PKCS#1 or PKCS#8, an `EC PARAMETERS` block make
+    /// no rotation.
+    pub fn same_as(&self, other: &Bundle, provider: &CryptoProvider) -> bool {
+        if self.certs != other.certs {
+            return false;
+        }
+        if self.key_der == other.key_der {
+            return true;
+        }
+        // The public half identifies the key pair.
+        match (self.public_key(provider), other.public_key(provider)) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            _ => false,
+        }
+    }
+
+    /// The SubjectPublicKeyInfo of the private key, when the provider can
+    /// derive it.
+    fn public_key(&self, provider: &CryptoProvider) -> Option<Vec<u8>> {
+        let key = provider
+            .key_provider
+            .load_private_key(self.private_key_der())
+            .ok()?;
+        Some(key.public_key()?.as_ref().to_vec())
     }
 
     /// The SHA-256 of the leaf certificate's DER, lowercase hex.

@@ -60,7 +60,7 @@ impl Bundle {
 
     /// Whether `other` decodes to the same chain and key.
     fn same_as(&self, other: &Bundle) -> bool {
-        self.inner.same_as(&other.inner)
+        self.inner.same_as(&other.inner, &tls::provider())
     }
 
     /// A Bundle frame for a worker.
