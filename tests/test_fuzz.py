@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cryptography import x509
 
 from spicegw import _config, _core, _pki
 from spicegw.certs import Source, check_material
