@@ -112,6 +112,18 @@ METRICS: tuple[MetricSpec, ...] = (
         "Upstream connections that failed or timed out.",
     ),
     MetricSpec(
+        "spicegw_relay_errors_total",
+        "counter",
+        (),
+        "Relayed connections that broke (a reset, a failed write) instead of closing.",
+    ),
+    MetricSpec(
+        "spicegw_idle_timeouts_total",
+        "counter",
+        (),
+        "Relayed connections closed after --idle-timeout without a byte.",
+    ),
+    MetricSpec(
         "spicegw_worker_restarts_total",
         "counter",
         (),
@@ -175,6 +187,8 @@ class Metrics:
             "spicegw_open_connections": lambda _o: [Observation(view.open_connections())],
             "spicegw_relayed_bytes_total": self._bytes,
             "spicegw_upstream_connect_errors_total": self._total("upstream_connect_errors"),
+            "spicegw_relay_errors_total": self._total("relay_errors"),
+            "spicegw_idle_timeouts_total": self._total("idle_timeouts"),
             "spicegw_worker_restarts_total": lambda _o: [Observation(view.restarts())],
             "spicegw_workers_ready": lambda _o: [Observation(view.workers_ready())],
         }

@@ -25,6 +25,8 @@ pub struct Stats {
     pub handshake_us_buckets: [AtomicU64; HANDSHAKE_BUCKETS_US.len() + 1],
     pub open_connections: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
+    pub relay_errors: AtomicU64,
+    pub idle_timeouts: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
 }
@@ -43,6 +45,8 @@ pub struct Snapshot {
     pub handshake_us_buckets: Vec<u64>,
     pub open_connections: u64,
     pub upstream_connect_errors: u64,
+    pub relay_errors: u64,
+    pub idle_timeouts: u64,
     pub bytes_to_upstream: u64,
     pub bytes_to_client: u64,
 }
@@ -66,6 +70,18 @@ impl Stats {
         Self::bump(&self.handshake_us_buckets[bucket]);
     }
 
+    /// Counts how a relay ended: idle too long, or broken (a reset, a
+    /// failed write) rather than closed by both sides.
+    pub fn count_relay_end(&self, outcome: &std::io::Result<()>) {
+        match outcome {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                Self::bump(&self.idle_timeouts);
+            }
+            Err(_) => Self::bump(&self.relay_errors),
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let get = |counter: &AtomicU64| counter.load(Relaxed);
         Snapshot {
@@ -80,6 +96,8 @@ impl Stats {
             handshake_us_buckets: self.handshake_us_buckets.iter().map(get).collect(),
             open_connections: get(&self.open_connections),
             upstream_connect_errors: get(&self.upstream_connect_errors),
+            relay_errors: get(&self.relay_errors),
+            idle_timeouts: get(&self.idle_timeouts),
             bytes_to_upstream: get(&self.bytes_to_upstream),
             bytes_to_client: get(&self.bytes_to_client),
         }

@@ -15,7 +15,7 @@ use rustls::server::{
     WebPkiClientVerifier,
 };
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{CipherSuite, RootCertStore, ServerConfig};
 
 use crate::bundle::{sha256, BundleError};
 use crate::frame::{BundleMessage, ClientAuth};
@@ -28,10 +28,37 @@ const SESSION_CACHE_SIZE: usize = 4096;
 /// connection; each extra one costs a seal and a record on every handshake.
 const TLS13_TICKETS: usize = 1;
 
-/// The crypto provider every handshake and every check uses.
+/// The crypto provider every handshake and every check uses: aws-lc-rs,
+/// chosen by measurement (`examples/handshake_cost.rs`); the `crypto-ring`
+/// feature swaps in ring to compare.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())))
+    Arc::clone(PROVIDER.get_or_init(|| {
+        #[cfg(not(feature = "crypto-ring"))]
+        use rustls::crypto::aws_lc_rs::{cipher_suite as suites, default_provider};
+        #[cfg(feature = "crypto-ring")]
+        use rustls::crypto::ring::{cipher_suite as suites, default_provider};
+
+        // Mozilla's "intermediate" order, which the server applies (see
+        // `server_config`): AES-128-GCM with SHA-256 first. It is also the
+        // cheapest handshake here: SHA-256 runs on the CPU's SHA
+        // extensions, where SHA-384 does not.
+        let cipher_suites = vec![
+            suites::TLS13_AES_128_GCM_SHA256,
+            suites::TLS13_AES_256_GCM_SHA384,
+            suites::TLS13_CHACHA20_POLY1305_SHA256,
+            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suites::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suites::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            suites::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        ];
+        Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites,
+            ..default_provider()
+        })
+    }))
 }
 
 /// What a worker serves for one scope.
@@ -88,13 +115,27 @@ impl ScopeTls {
         })
     }
 
-    /// A server configuration for one endpoint of this scope; tickets are
-    /// sealed with keys derived for this endpoint and this client trust.
-    pub fn server_config(
+    /// The server configurations of one endpoint of this scope.
+    pub fn endpoint_configs(
         &self,
         endpoint: &str,
         alpn: &[String],
         ticket_keys: &SharedKeys,
+    ) -> Result<EndpointConfigs, String> {
+        Ok(EndpointConfigs {
+            server_order: self.server_config(endpoint, alpn, ticket_keys, true)?,
+            client_order: self.server_config(endpoint, alpn, ticket_keys, false)?,
+        })
+    }
+
+    /// A server configuration for one endpoint of this scope; tickets are
+    /// sealed with keys derived for this endpoint and this client trust.
+    fn server_config(
+        &self,
+        endpoint: &str,
+        alpn: &[String],
+        ticket_keys: &SharedKeys,
+        server_order: bool,
     ) -> Result<Arc<ServerConfig>, String> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -105,6 +146,7 @@ impl ScopeTls {
         };
         let mut config =
             builder.with_cert_resolver(Arc::new(FixedCert(Arc::clone(&self.certified))));
+        config.ignore_client_order = server_order;
         config.alpn_protocols = alpn
             .iter()
             .map(|protocol| protocol.as_bytes().to_vec())
@@ -142,6 +184,41 @@ fn client_verifier(
         .build()
         .map_err(|err| format!("client CA unusable: {err}"))?;
     Ok(Some(verifier))
+}
+
+/// An endpoint's two configurations, identical but for whose cipher
+/// order wins.
+///
+/// Every suite offered is an AEAD with forward secrecy, so the server's
+/// order picks the cheapest one both sides support (AES-128-GCM). A client
+/// that lists ChaCha20 first says it lacks AES hardware; it gets its own
+/// order instead, the "equal preference" idea of BoringSSL.
+pub struct EndpointConfigs {
+    server_order: Arc<ServerConfig>,
+    client_order: Arc<ServerConfig>,
+}
+
+impl EndpointConfigs {
+    /// The configuration most clients get: the server's cipher order.
+    pub fn server_order(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.server_order)
+    }
+
+    /// The configuration for a client, by the first suite it offers.
+    pub fn for_client(&self, hello: &ClientHello<'_>) -> Arc<ServerConfig> {
+        let chacha_first = matches!(
+            hello.cipher_suites().first(),
+            Some(
+                CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                    | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                    | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+            )
+        );
+        Arc::clone(match chacha_first {
+            true => &self.client_order,
+            false => &self.server_order,
+        })
+    }
 }
 
 /// Serves one certified key to every client.

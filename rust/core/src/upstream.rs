@@ -3,9 +3,11 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::timeout;
 
 use crate::config::Upstream;
 
@@ -15,19 +17,27 @@ pub enum UpstreamStream {
     Unix(UnixStream),
 }
 
-/// Opens a connection, trying each address of a TCP upstream in order.
-pub async fn connect(upstream: &Upstream) -> io::Result<UpstreamStream> {
+/// Opens a connection, trying each address of a TCP upstream in order;
+/// each attempt gets `attempt_timeout`, so one address that never answers
+/// does not keep the others from being tried.
+pub async fn connect(upstream: &Upstream, attempt_timeout: Duration) -> io::Result<UpstreamStream> {
     match upstream {
-        Upstream::Unix(path) => Ok(UpstreamStream::Unix(UnixStream::connect(path).await?)),
+        Upstream::Unix(path) => {
+            let stream = timeout(attempt_timeout, UnixStream::connect(path))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            Ok(UpstreamStream::Unix(stream))
+        }
         Upstream::Tcp(addrs) => {
             let mut last_error = None;
             for addr in addrs {
-                match TcpStream::connect(addr).await {
-                    Ok(stream) => {
+                match timeout(attempt_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
                         stream.set_nodelay(true)?;
                         return Ok(UpstreamStream::Tcp(stream));
                     }
-                    Err(err) => last_error = Some(err),
+                    Ok(Err(err)) => last_error = Some(err),
+                    Err(_) => last_error = Some(io::ErrorKind::TimedOut.into()),
                 }
             }
             Err(last_error.unwrap_or_else(|| {

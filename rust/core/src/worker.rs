@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -28,14 +27,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{EndpointConfig, Limits, WorkerConfig};
 use crate::frame::{self, BundleMessage, Decoder, Frame, Kind};
 use crate::relay::relay;
 use crate::stats::Stats;
 use crate::tickets::{SharedKeys, TicketKeys};
-use crate::tls::ScopeTls;
+use crate::tls::{EndpointConfigs, ScopeTls};
 use crate::{proxy, upstream};
 
 /// The worker served and drained normally, or its supervisor is gone.
@@ -82,7 +81,10 @@ pub fn run(
 struct Endpoint {
     config: EndpointConfig,
     /// `None` for a plaintext endpoint.
-    tls: Option<ArcSwap<ServerConfig>>,
+    tls: Option<ArcSwap<EndpointConfigs>>,
+    /// Handshakes in progress on this endpoint. Each endpoint has its
+    /// own, so a flood on one cannot starve another (the status port).
+    handshakes: Semaphore,
 }
 
 /// What every connection task shares.
@@ -90,7 +92,6 @@ struct Shared {
     endpoints: Vec<Endpoint>,
     limits: Limits,
     stats: Stats,
-    handshakes: Semaphore,
 }
 
 /// The worker's side of the pipe and the state only it touches.
@@ -248,22 +249,22 @@ impl Control {
             let tls = match &endpoint.scope {
                 None => None,
                 Some(scope) => {
-                    let server_config = self.scopes[scope]
-                        .server_config(&endpoint.name, &endpoint.alpn, &self.ticket_keys)
+                    let configs = self.scopes[scope]
+                        .endpoint_configs(&endpoint.name, &endpoint.alpn, &self.ticket_keys)
                         .map_err(|err| format!("endpoint {}: {err}", endpoint.name))?;
-                    Some(ArcSwap::new(server_config))
+                    Some(ArcSwap::from_pointee(configs))
                 }
             };
             endpoints.push(Endpoint {
                 config: endpoint.clone(),
                 tls,
+                handshakes: Semaphore::new(config.limits.max_handshakes.max(1)),
             });
         }
         Ok(Some(Arc::new(Shared {
             endpoints,
             limits: config.limits.clone(),
             stats: Stats::default(),
-            handshakes: Semaphore::new(config.limits.max_handshakes.max(1)),
         })))
     }
 
@@ -343,9 +344,9 @@ impl Control {
                 for endpoint in &shared.endpoints {
                     let config = &endpoint.config;
                     if config.scope.as_deref() == Some(message.scope.as_str()) {
-                        let server_config =
-                            tls.server_config(&config.name, &config.alpn, &self.ticket_keys)?;
-                        configs.push((endpoint, server_config));
+                        let server_configs =
+                            tls.endpoint_configs(&config.name, &config.alpn, &self.ticket_keys)?;
+                        configs.push((endpoint, server_configs));
                     }
                 }
                 Ok((message.scope, tls, configs))
@@ -355,7 +356,7 @@ impl Control {
             Ok((scope, tls, configs)) => {
                 for (endpoint, config) in configs {
                     if let Some(current) = &endpoint.tls {
-                        current.store(config);
+                        current.store(Arc::new(config));
                     }
                 }
                 let fingerprint = tls.fingerprint.clone();
@@ -503,7 +504,7 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
             return;
         };
         let mut tcp = tcp;
-        let _ = relay(
+        let outcome = relay(
             &mut tcp,
             &mut upstream,
             limits.idle_timeout(),
@@ -511,18 +512,35 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
             &stats.bytes_to_client,
         )
         .await;
+        stats.count_relay_end(&outcome);
         return;
     };
 
     // The deadline is absolute from accept: a client trickling bytes does
     // not extend it, and waiting for a handshake slot counts against it.
     let deadline = accepted_at + limits.handshake_timeout();
-    let Ok(Ok(permit)) = timeout_at(deadline, shared.handshakes.acquire()).await else {
+
+    // Reading the ClientHello costs no crypto, so it happens before a slot
+    // is taken: silent or trickling clients cannot hold the slots that
+    // real handshakes need.
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match timeout_at(deadline, hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(_)) => {
+            Stats::bump(&stats.handshake_errors);
+            return;
+        }
+        Err(_) => {
+            Stats::bump(&stats.handshake_timeouts);
+            return;
+        }
+    };
+    let Ok(Ok(permit)) = timeout_at(deadline, endpoint.handshakes.acquire()).await else {
         Stats::bump(&stats.handshake_timeouts);
         return;
     };
-    let acceptor = TlsAcceptor::from(tls.load_full());
-    let mut client = match timeout_at(deadline, acceptor.accept(tcp)).await {
+    let config = tls.load().for_client(&start.client_hello());
+    let mut client = match timeout_at(deadline, start.into_stream(config)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(_)) => {
             Stats::bump(&stats.handshake_errors);
@@ -551,7 +569,7 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     let Some(mut upstream) = connect_upstream(&shared, index, header).await else {
         return;
     };
-    let _ = relay(
+    let outcome = relay(
         &mut client,
         &mut upstream,
         limits.idle_timeout(),
@@ -559,6 +577,7 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
         &stats.bytes_to_client,
     )
     .await;
+    stats.count_relay_end(&outcome);
 }
 
 /// What a PROXY header reports about a finished handshake.
@@ -588,16 +607,21 @@ async fn connect_upstream(
     proxy_header: Option<Vec<u8>>,
 ) -> Option<upstream::UpstreamStream> {
     let endpoint = &shared.endpoints[index].config;
+    let limit = shared.limits.connect_timeout();
     let connect = async {
-        let mut stream = upstream::connect(&endpoint.upstream).await?;
+        let mut stream = upstream::connect(&endpoint.upstream, limit).await?;
         if let Some(header) = proxy_header {
-            stream.write_all(&header).await?;
+            // A fresh socket takes a header this small at once; the limit
+            // only guards against an upstream that never reads at all.
+            timeout(limit, stream.write_all(&header))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         }
         Ok::<_, io::Error>(stream)
     };
-    match timeout(shared.limits.connect_timeout(), connect).await {
-        Ok(Ok(stream)) => Some(stream),
-        _ => {
+    match connect.await {
+        Ok(stream) => Some(stream),
+        Err(_) => {
             Stats::bump(&shared.stats.upstream_connect_errors);
             None
         }
