@@ -39,6 +39,7 @@ class _Candidate:
     value: str | None
     is_file: bool
     origin: str
+    shown: str | None = None
 
 
 def load_spicepod(args: argparse.Namespace) -> _config.Spicepod | None:
@@ -149,7 +150,7 @@ def _pod_candidates(
     for name, is_file in ((file_key, True), (inline_key, False)):
         value = fields.get(name)
         if value is not None:
-            found.append(_Candidate(value.text, is_file, value.origin))
+            found.append(_Candidate(value.text, is_file, value.origin, value.shown))
     return found
 
 
@@ -165,7 +166,7 @@ def _pick(what: str, *candidates: _Candidate) -> Source | None:
     if not chosen.value.strip():
         raise ConfigError(f"{chosen.origin}: the {what} is empty")
     if chosen.is_file:
-        return Source.file(what, chosen.value, chosen.origin)
+        return Source.file(what, chosen.value, chosen.origin, shown=chosen.shown)
     return Source.text(what, chosen.value, chosen.origin)
 
 
@@ -228,12 +229,16 @@ def _node_mtls(args: argparse.Namespace, pod: _config.Spicepod | None) -> ScopeS
     """The cluster scope: CA, certificate and key, all three or none."""
     fields = pod.node_mtls if pod else {}
     items: dict[str, tuple[str, str]] = {}
+    shown: dict[str, str] = {}
     for name, flag in _NODE_MTLS_FLAGS:
         value = getattr(args, "node_mtls_" + name)
         if value is not None:
             items[name] = (value, flag)
         elif name in fields:
-            items[name] = (fields[name].text, fields[name].origin)
+            field = fields[name]
+            items[name] = (field.text, field.origin)
+            if field.shown is not None:
+                shown[name] = field.shown
     if not items:
         return None
     missing = [flag for name, flag in _NODE_MTLS_FLAGS if name not in items]
@@ -247,10 +252,10 @@ def _node_mtls(args: argparse.Namespace, pod: _config.Spicepod | None) -> ScopeS
     key_path, key_origin = items["key_file"]
     return ScopeSettings(
         CLUSTER,
-        Source.file("certificate", cert_path, cert_origin),
-        Source.file("key", key_path, key_origin),
+        Source.file("certificate", cert_path, cert_origin, shown=shown.get("certificate_file")),
+        Source.file("key", key_path, key_origin, shown=shown.get("key_file")),
         "required",
-        Source.file("client CA", ca_path, ca_origin),
+        Source.file("client CA", ca_path, ca_origin, shown=shown.get("ca_certificate_file")),
     )
 
 
@@ -326,8 +331,10 @@ def _endpoints(
         endpoints.append(
             Endpoint(
                 name=entry.name,
-                listen=parse_listen(entry.listen.text, entry.listen.origin),
-                upstream=parse_upstream(entry.upstream.text, entry.upstream.origin),
+                listen=parse_listen(entry.listen.text, entry.listen.origin, entry.listen.shown),
+                upstream=parse_upstream(
+                    entry.upstream.text, entry.upstream.origin, entry.upstream.shown
+                ),
                 scope=CLUSTER if entry.scope == CLUSTER else public_scope,
                 alpn=entry.alpn,
                 proxy_protocol=entry.proxy_protocol,
@@ -357,6 +364,6 @@ def _check_distinct(endpoints: list[Endpoint]) -> None:
         other = addresses.get(key)
         if other is not None:
             raise ConfigError(
-                f"{endpoint.origin} {endpoint.listen}: the same address as {other.origin}"
+                f"{endpoint.origin} {endpoint.listen.display}: the same address as {other.origin}"
             )
         addresses[key] = endpoint

@@ -41,10 +41,15 @@ _SECRET_KEYS = {"from", "name", "description", "params"}
 
 @dataclass(frozen=True)
 class Value:
-    """A string from the file, with where it came from (for messages)."""
+    """A string from the file, with where it came from (for messages).
+
+    `shown` is what messages may repeat: the text as written when it
+    holds a `${secrets:…}` reference, never the secret's value.
+    """
 
     text: str
     origin: str
+    shown: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,13 @@ class _Reader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # A value's line is the line of its key: a block value starts on
+        # the line after.
+        self._key_lines: dict[int, int] = {}
 
     def where(self, node: Node, key: str) -> str:
-        return f"{self.path}:{node.start_mark.line + 1}: {key}"
+        line = self._key_lines.get(id(node), node.start_mark.line)
+        return f"{self.path}:{line + 1}: {key}"
 
     def mapping(self, node: Node, key: str, allowed: set[str] | None) -> dict[str, Node]:
         if not isinstance(node, MappingNode):
@@ -86,6 +95,7 @@ class _Reader:
             path = f"{key}.{name}" if key else name
             if name in result:
                 raise ConfigError(f"{self.where(key_node, path)}: duplicate key")
+            self._key_lines[id(value_node)] = key_node.start_mark.line
             if allowed is not None and name not in allowed:
                 known = ", ".join(sorted(allowed))
                 raise ConfigError(
@@ -166,11 +176,15 @@ def _relative_to(spicepod: Path, value: Value) -> Value:
     finds them whatever its working directory."""
     if not value.text or Path(value.text).is_absolute():
         return value
-    return Value(str(spicepod.parent / value.text), value.origin)
+    return Value(str(spicepod.parent / value.text), value.origin, value.shown)
 
 
 def _resolved(value: Value, stores: list[_secrets.Store]) -> Value:
-    return Value(_secrets.resolve(value.text, value.origin, stores), value.origin)
+    if not _secrets.has_reference(value.text):
+        return value
+    resolved = _secrets.resolve(value.text, value.origin, stores)
+    shown = value.text if _secrets.has_secret(value.text) else None
+    return Value(resolved, value.origin, shown=shown)
 
 
 def _stores(reader: _Reader, node: Node | None, folder: Path) -> list[_secrets.Store]:

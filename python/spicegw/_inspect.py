@@ -43,7 +43,7 @@ def check(args: argparse.Namespace) -> int:
         scheme = "tls" if endpoint.scope else "plaintext"
         alpn = ",".join(endpoint.alpn) or "none"
         print(
-            f"endpoint {endpoint.name}: {endpoint.listen} ({scheme}, scope "
+            f"endpoint {endpoint.name}: {endpoint.listen.display} ({scheme}, scope "
             f"{endpoint.scope or '-'}, alpn {alpn}) -> {endpoint.describe_upstream()}"
         )
     if subject is not None:

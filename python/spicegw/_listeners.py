@@ -28,7 +28,7 @@ def _family(endpoint: Endpoint) -> socket.AddressFamily:
 
 def _fail(endpoint: Endpoint, err: OSError) -> ConfigError:
     reason = _REASONS.get(err.errno or 0, err.strerror or str(err))
-    return ConfigError(f"{endpoint.origin} {endpoint.listen}: {reason}")
+    return ConfigError(f"{endpoint.origin} {endpoint.listen.display}: {reason}")
 
 
 def probe(endpoint: Endpoint) -> None:

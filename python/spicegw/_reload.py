@@ -96,12 +96,15 @@ class ScopeWatch:
         if digest == self._judged_digest:
             return None
         self._judged_digest = digest
+        # After a refused change, good files again are a recovery: counted
+        # ok and pushed, even when they hold the pair already served.
+        recovering = self._last is not None
         if digest == self._served_digest:
-            return Change(
-                self.settings.name,
-                "unchanged",
-                "the files hold the served certificate again",
-            )
+            if recovering:
+                return Change(
+                    self.settings.name, OK, "reloaded (the served pair again)", self._served
+                )
+            return None
 
         try:
             material = _check(self.settings, files, require_valid=True)
@@ -109,7 +112,8 @@ class ScopeWatch:
             result = IO_ERROR if err.kind == "io" else PARSE_ERROR
             return Change(self.settings.name, result, str(err))
         if (
-            material.bundle.same_as(self._served.bundle)
+            not recovering
+            and material.bundle.same_as(self._served.bundle)
             and material.client_ca == self._served.client_ca
         ):
             self._served_digest = digest

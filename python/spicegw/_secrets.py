@@ -137,3 +137,9 @@ def resolve(text: str, origin: str, stores: list[Store]) -> str:
 
 def has_reference(text: str) -> bool:
     return _REFERENCE.search(text) is not None
+
+
+def has_secret(text: str) -> bool:
+    """Whether `text` refers to a secret (not merely an environment
+    variable): its value must then never be shown."""
+    return any(match.group(1) == "secrets" for match in _REFERENCE.finditer(text))

@@ -43,10 +43,12 @@ class Source:
     origin: str
     path: str | None = None
     inline: str | None = None
+    # What messages show instead of the path when it came from a secret.
+    shown: str | None = None
 
     @classmethod
-    def file(cls, what: str, path: str, origin: str) -> Source:
-        return cls(what=what, origin=origin, path=path)
+    def file(cls, what: str, path: str, origin: str, *, shown: str | None = None) -> Source:
+        return cls(what=what, origin=origin, path=path, shown=shown)
 
     @classmethod
     def text(cls, what: str, pem: str, origin: str) -> Source:
@@ -58,6 +60,8 @@ class Source:
 
     def describe(self) -> str:
         """How messages refer to this source."""
+        if self.shown is not None:
+            return f"{self.what} file '{self.shown}' ({self.origin})"
         if self.path is not None:
             return f"{self.what} file '{self.path}'"
         return f"inline {self.what} ({self.origin})"
@@ -78,8 +82,8 @@ class Source:
 
     def __repr__(self) -> str:
         # Inline material may be a private key: never show it.
-        shown = self.path if self.path is not None else "<inline>"
-        return f"Source({self.what!r}, {shown!r}, origin={self.origin!r})"
+        label = self.shown or (self.path if self.path is not None else "<inline>")
+        return f"Source({self.what!r}, {label!r}, origin={self.origin!r})"
 
 
 def _check_private_mode(source: Source, status: os.stat_result) -> None:

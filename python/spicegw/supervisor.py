@@ -385,7 +385,7 @@ class Supervisor:
         assert scope.watch is not None
         watched = scope.watch.settings
         files = ", ".join(
-            str(source.path)
+            str(source.shown or source.path)
             for source in (watched.cert, watched.key, watched.client_ca)
             if source is not None
         )
@@ -592,7 +592,7 @@ class Supervisor:
                 "endpoint %s: %s://%s -> %s",
                 endpoint.name,
                 scheme if endpoint.scope else "tcp+plain",
-                endpoint.listen,
+                endpoint.listen.display,
                 endpoint.describe_upstream(),
             )
         public = self._scopes.get("public")

@@ -18,5 +18,6 @@ pub mod relay;
 pub mod stats;
 pub mod tickets;
 pub mod tls;
+pub mod tls_conn;
 pub mod upstream;
 pub mod worker;

@@ -53,12 +53,16 @@ where
     poll_fn(|cx| {
         let moved_before = up.bytes + down.bytes;
         if !up.done {
-            if let Poll::Ready(Err(err)) = up.poll(cx, client, upstream, to_upstream) {
+            // When the upstream has ended its side already, closing the
+            // socket says the rest: no shutdown needed. The client always
+            // gets one, as TLS ends with close_notify.
+            let quick_close = down.done;
+            if let Poll::Ready(Err(err)) = up.poll(cx, client, upstream, to_upstream, quick_close) {
                 return Poll::Ready(Err(err));
             }
         }
         if !down.done {
-            if let Poll::Ready(Err(err)) = down.poll(cx, upstream, client, to_client) {
+            if let Poll::Ready(Err(err)) = down.poll(cx, upstream, client, to_client, false) {
                 return Poll::Ready(Err(err));
             }
         }
@@ -118,6 +122,7 @@ impl Flow {
         src: &mut R,
         dst: &mut W,
         counter: &AtomicU64,
+        quick_close: bool,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
@@ -138,7 +143,7 @@ impl Flow {
             }
 
             if self.eof {
-                return self.poll_close(cx, dst);
+                return self.poll_close(cx, dst, quick_close);
             }
 
             let step = SCRATCH.with(|scratch| {
@@ -213,14 +218,24 @@ impl Flow {
         Step::Again
     }
 
-    fn poll_close<W>(&mut self, cx: &mut Context<'_>, dst: &mut W) -> Poll<io::Result<()>>
+    fn poll_close<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+        quick_close: bool,
+    ) -> Poll<io::Result<()>>
     where
         W: AsyncWrite + Unpin,
     {
-        if self.needs_flush {
-            ready!(Pin::new(&mut *dst).poll_flush(cx))?;
-            self.needs_flush = false;
+        if quick_close {
+            if self.needs_flush {
+                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+            }
+            self.done = true;
+            return Poll::Ready(Ok(()));
         }
+        // A shutdown flushes first, so the last bytes and the end of the
+        // stream can leave together.
         match ready!(Pin::new(&mut *dst).poll_shutdown(cx)) {
             Ok(()) => {}
             // The peer is already gone; there is nobody left to tell.

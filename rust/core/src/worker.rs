@@ -27,7 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{EndpointConfig, Limits, WorkerConfig};
 use crate::frame::{self, BundleMessage, Decoder, Frame, Kind};
@@ -35,6 +34,7 @@ use crate::relay::relay;
 use crate::stats::Stats;
 use crate::tickets::{SharedKeys, TicketKeys};
 use crate::tls::{EndpointConfigs, ScopeTls};
+use crate::tls_conn::{self, TlsConn};
 use crate::{proxy, upstream};
 
 /// The worker served and drained normally, or its supervisor is gone.
@@ -523,9 +523,8 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     // Reading the ClientHello costs no crypto, so it happens before a slot
     // is taken: silent or trickling clients cannot hold the slots that
     // real handshakes need.
-    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match timeout_at(deadline, hello).await {
-        Ok(Ok(start)) => start,
+    let accepted = match timeout_at(deadline, tls_conn::read_client_hello(&tcp)).await {
+        Ok(Ok(accepted)) => accepted,
         Ok(Err(_)) => {
             Stats::bump(&stats.handshake_errors);
             return;
@@ -539,9 +538,9 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
         Stats::bump(&stats.handshake_timeouts);
         return;
     };
-    let config = tls.load().for_client(&start.client_hello());
-    let mut client = match timeout_at(deadline, start.into_stream(config)).await {
-        Ok(Ok(stream)) => stream,
+    let config = tls.load().for_client(&accepted.client_hello());
+    let mut client = match timeout_at(deadline, TlsConn::handshake(tcp, accepted, config)).await {
+        Ok(Ok(conn)) => conn,
         Ok(Err(_)) => {
             Stats::bump(&stats.handshake_errors);
             return;
@@ -553,7 +552,7 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     };
     drop(permit);
     stats.observe_handshake(accepted_at.elapsed().as_micros() as u64);
-    let session = client.get_ref().1;
+    let session = client.session();
     match session.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_2) => Stats::bump(&stats.handshakes_tls12),
         _ => Stats::bump(&stats.handshakes_tls13),
