@@ -3,9 +3,15 @@
 //! Unlike a general-purpose TLS stream, this one writes records to the
 //! socket only when it is flushed (or its buffer is full). The relay
 //! flushes when its source has nothing more to give, so what becomes
-//! ready together leaves together: the TLS 1.3 session ticket rides with
-//! the first reply, and the last reply with close_notify. On loopback and
-//! on busy servers, every segment saved is a trip through the TCP stack.
+//! ready together leaves together: a reply and the close_notify after it,
+//! or several upstream reads in one segment. Every segment saved is a
+//! trip through the TCP stack.
+//!
+//! The session ticket is not held back for the first reply, although it
+//! could ride with it: a client using Nagle's algorithm (the socket
+//! default) sends its request only once its Finished is acknowledged, and
+//! without a segment to carry that acknowledgement the delayed ACK costs
+//! it 40 ms.
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -13,7 +19,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::server::{Accepted, Acceptor};
-use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
+use rustls::{ServerConfig, ServerConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -92,12 +98,9 @@ impl TlsConn {
                     continue;
                 }
             } else {
-                // TLS 1.2 ends with the server's Finished, which the client
-                // waits for. In TLS 1.3 only session tickets are left: they
-                // wait for the first reply.
-                if self.session.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
-                    ready!(self.poll_write_tls(cx))?;
-                }
+                // TLS 1.2 ends with the server's Finished; TLS 1.3 with the
+                // session ticket (see the module documentation).
+                ready!(self.poll_write_tls(cx))?;
                 return Poll::Ready(Ok(()));
             }
             if self.tcp_eof {
