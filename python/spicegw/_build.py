@@ -268,58 +268,44 @@ def _endpoints(
     cluster: bool,
 ) -> list[Endpoint]:
     public_scope = PUBLIC if public else None
+    if args.cluster_upstream is not None and not cluster:
+        raise ConfigError(
+            "--cluster-upstream needs node mTLS: give --node-mtls-ca-certificate-file, "
+            "--node-mtls-certificate-file and --node-mtls-key-file"
+        )
+    # The built-in endpoints: (name, listen flag, upstream flag, scope,
+    # ALPN); each is served when its upstream is given. The status port's
+    # upstream is the gateway itself, and --dev serves it on --http.
+    builtin = (
+        ("http", "--http", "--http-upstream", public_scope, ALPN_HTTP),
+        ("flight", "--flight", "--flight-upstream", public_scope, ALPN_GRPC),
+        ("cluster", "--cluster", "--cluster-upstream", CLUSTER, ALPN_GRPC),
+        ("metrics", "--metrics", None, public_scope, ALPN_HTTP),
+    )
     endpoints: list[Endpoint] = []
-    if args.http_upstream is not None or dev is not None:
+    for name, listen_flag, upstream_flag, scope, alpn in builtin:
+        listen = getattr(args, name)
+        upstream = getattr(args, f"{name}_upstream", None)
+        if name == "metrics":
+            wanted = listen is not None
+        elif name == "http":
+            wanted = upstream is not None or dev is not None
+        else:
+            wanted = upstream is not None
+        if not wanted:
+            continue
         endpoints.append(
             Endpoint(
-                name="http",
-                listen=parse_listen(args.http, "--http"),
+                name=name,
+                listen=parse_listen(listen, listen_flag),
                 upstream=(
-                    parse_upstream(args.http_upstream, "--http-upstream")
-                    if args.http_upstream is not None
+                    parse_upstream(upstream, upstream_flag)
+                    if upstream is not None and upstream_flag is not None
                     else None
                 ),
-                scope=public_scope,
-                alpn=ALPN_HTTP,
-                origin="--http",
-            )
-        )
-    if args.flight_upstream is not None:
-        endpoints.append(
-            Endpoint(
-                name="flight",
-                listen=parse_listen(args.flight, "--flight"),
-                upstream=parse_upstream(args.flight_upstream, "--flight-upstream"),
-                scope=public_scope,
-                alpn=ALPN_GRPC,
-                origin="--flight",
-            )
-        )
-    if args.cluster_upstream is not None:
-        if not cluster:
-            raise ConfigError(
-                "--cluster-upstream needs node mTLS: give --node-mtls-ca-certificate-file, "
-                "--node-mtls-certificate-file and --node-mtls-key-file"
-            )
-        endpoints.append(
-            Endpoint(
-                name="cluster",
-                listen=parse_listen(args.cluster, "--cluster"),
-                upstream=parse_upstream(args.cluster_upstream, "--cluster-upstream"),
-                scope=CLUSTER,
-                alpn=ALPN_GRPC,
-                origin="--cluster",
-            )
-        )
-    if args.metrics is not None:
-        endpoints.append(
-            Endpoint(
-                name="metrics",
-                listen=parse_listen(args.metrics, "--metrics"),
-                upstream=None,
-                scope=public_scope,
-                alpn=ALPN_HTTP,
-                origin="--metrics",
+                scope=scope,
+                alpn=alpn,
+                origin=listen_flag,
             )
         )
     for entry in pod.endpoints if pod else []:

@@ -70,6 +70,25 @@ impl Stats {
         Self::bump(&self.handshake_us_buckets[bucket]);
     }
 
+    /// The value of a handshake step that finished in time, or `None`
+    /// after counting why it did not (an error or the deadline).
+    pub fn handshake_step<T>(
+        &self,
+        step: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match step {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(_)) => {
+                Self::bump(&self.handshake_errors);
+                None
+            }
+            Err(_) => {
+                Self::bump(&self.handshake_timeouts);
+                None
+            }
+        }
+    }
+
     /// Counts how a relay ended: idle too long, or broken (a reset, a
     /// failed write) rather than closed by both sides.
     pub fn count_relay_end(&self, outcome: &std::io::Result<()>) {

@@ -523,32 +523,18 @@ async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     // Reading the ClientHello costs no crypto, so it happens before a slot
     // is taken: silent or trickling clients cannot hold the slots that
     // real handshakes need.
-    let accepted = match timeout_at(deadline, tls_conn::read_client_hello(&tcp)).await {
-        Ok(Ok(accepted)) => accepted,
-        Ok(Err(_)) => {
-            Stats::bump(&stats.handshake_errors);
-            return;
-        }
-        Err(_) => {
-            Stats::bump(&stats.handshake_timeouts);
-            return;
-        }
+    let hello = timeout_at(deadline, tls_conn::read_client_hello(&tcp)).await;
+    let Some(accepted) = stats.handshake_step(hello) else {
+        return;
     };
     let Ok(Ok(permit)) = timeout_at(deadline, endpoint.handshakes.acquire()).await else {
         Stats::bump(&stats.handshake_timeouts);
         return;
     };
     let config = tls.load().for_client(&accepted.client_hello());
-    let mut client = match timeout_at(deadline, TlsConn::handshake(tcp, accepted, config)).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(_)) => {
-            Stats::bump(&stats.handshake_errors);
-            return;
-        }
-        Err(_) => {
-            Stats::bump(&stats.handshake_timeouts);
-            return;
-        }
+    let handshake = timeout_at(deadline, TlsConn::handshake(tcp, accepted, config)).await;
+    let Some(mut client) = stats.handshake_step(handshake) else {
+        return;
     };
     drop(permit);
     stats.observe_handshake(accepted_at.elapsed().as_micros() as u64);
