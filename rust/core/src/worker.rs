@@ -68,6 +68,7 @@ pub fn run(
         Ok(runtime) => runtime,
         Err(_) => return EXIT_BOOT_FAILED,
     };
+    warm_up();
     runtime.block_on(async move {
         let control = match Control::new(pipe_in, pipe_out) {
             Ok(control) => control,
@@ -75,6 +76,15 @@ pub fn run(
         };
         control.run(config, listeners).await
     })
+}
+
+/// Seeds the random generator before the first client arrives: in a
+/// freshly forked process the first draw gathers entropy and takes tens of
+/// milliseconds, which would otherwise land on one client's handshake.
+fn warm_up() {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut seed = [0u8; 32];
+    let _ = SystemRandom::new().fill(&mut seed);
 }
 
 /// One endpoint as connections see it.
