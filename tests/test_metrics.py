@@ -4,7 +4,9 @@ metrics."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 from spicegw._metrics import METRICS
@@ -47,3 +49,22 @@ def test_readme_documents_every_metric():
     missing = {name for name in names if name not in documented and not name.endswith("_sum")}
     assert missing == set()
     assert documented - names == set(), "README lists metrics that do not exist"
+
+
+def test_supervisor_stays_single_threaded_for_every_fork(gateway, tls_args, echo_port, ca):
+    """Metrics live in the supervisor, which forks again whenever a worker
+    dies: the meter must not have started a thread a fork would copy."""
+    port, metrics = free_port(), free_port()
+    gw = gateway(
+        *tls_args, "--workers", "2", "--http", f"127.0.0.1:{port}",
+        "--http-upstream", f"127.0.0.1:{echo_port}", "--metrics", f"127.0.0.1:{metrics}",
+    )  # fmt: skip
+    status, _ = http_get(metrics, ca.path, "/metrics")
+    assert status == 200
+    assert len(list(Path(f"/proc/{gw.pid}/task").iterdir())) == 1
+
+    victim = gw.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "is serving again" in gw.text(), timeout=10)
+    assert len(list(Path(f"/proc/{gw.pid}/task").iterdir())) == 1
+    assert "threads are running before fork" not in gw.text()
