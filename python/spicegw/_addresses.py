@@ -58,7 +58,8 @@ def _split_host_port(text: str, where: str) -> tuple[str, int]:
             raise ConfigError(f"{where}: expected HOST:PORT")
         if ":" in host:
             raise ConfigError(f"{where}: write IPv6 addresses as [ADDR]:PORT")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: port must be a number from 0 to 65535")
     return host, int(port_text)
 

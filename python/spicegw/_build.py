@@ -333,7 +333,27 @@ def _endpoints(
             "spicepod.yaml (or try --dev)"
         )
     _check_distinct(endpoints)
+    _check_no_loop(endpoints)
     return endpoints
+
+
+def _check_no_loop(endpoints: list[Endpoint]) -> None:
+    """An upstream that is one of the gateway's own listeners would relay
+    every connection to itself until descriptors run out."""
+    listening = {(e.listen.host, e.listen.port) for e in endpoints}
+    wildcard_ports = {e.listen.port for e in endpoints if e.listen.host in ("0.0.0.0", "::")}
+    for endpoint in endpoints:
+        if endpoint.upstream is None:
+            continue
+        for address in endpoint.upstream.tcp:
+            host, _, port_text = address.rpartition(":")
+            host, port = host.strip("[]"), int(port_text)
+            local = host.startswith("127.") or host == "::1"
+            if (host, port) in listening or (local and port in wildcard_ports):
+                raise ConfigError(
+                    f"{endpoint.origin}: the upstream {endpoint.upstream} is the gateway's own "
+                    "listener; connections would loop back into it"
+                )
 
 
 def _check_distinct(endpoints: list[Endpoint]) -> None:

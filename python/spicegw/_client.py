@@ -48,6 +48,11 @@ def request(options: ClientOptions, method: str, path: str) -> tuple[int, bytes]
         connection.request(method, path, headers={"Content-Length": "0"})
         response = connection.getresponse()
         return response.status, response.read()
+    except http.client.HTTPException as err:
+        raise ClientError(
+            f"{options.endpoint}: the answer is not HTTP ({type(err).__name__}); is this the "
+            "gateway's --metrics address, and does the scheme (https or http) match?"
+        ) from None
     except ssl.SSLCertVerificationError as err:
         raise ClientError(
             f"{options.endpoint}: the gateway's certificate is not trusted "
@@ -100,7 +105,8 @@ def _decode(
     options: ClientOptions, path: str, status: int, body: bytes, expected: tuple[int, ...]
 ) -> dict[str, object]:
     if status not in expected:
-        raise ClientError(f"{options.endpoint}{path}: HTTP {status}: {body[:200]!r}")
+        text = body[:200].decode("utf-8", "replace").strip().splitlines()
+        raise ClientError(f"{options.endpoint}{path}: HTTP {status}: {text[0] if text else ''}")
     try:
         value = json.loads(body)
     except ValueError:
@@ -133,6 +139,8 @@ def wait_for_generation(
 def print_status(options: ClientOptions) -> int:
     ready = get_json(options, "/v1/ready")
     tls = get_json(options, "/v1/tls")
+    if "ready" not in ready or "scopes" not in tls:
+        raise ClientError(f"{options.endpoint}: the answer is not from a spicegw status service")
     print(
         f"{options.endpoint}: {ready.get('ready_workers')}/{ready.get('workers')} workers "
         f"ready, TLS {'on' if tls.get('tls') else 'off'}"
@@ -150,6 +158,12 @@ def print_status(options: ClientOptions) -> int:
             f"{'hot-reloaded' if scope.get('reloadable') else 'inline (not reloaded)'}; "
             f"{current}/{len(workers)} workers serve it"
         )
+        refused = scope.get("refused")
+        if isinstance(refused, dict):
+            print(
+                f"{name}: the files on disk are refused ({refused.get('result')}): "
+                f"{refused.get('message')}"
+            )
     return 0 if ready.get("ready") else 1
 
 

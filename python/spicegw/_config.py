@@ -9,6 +9,7 @@ spicepod.yaml can serve both.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ _TLS_KEYS = {
 _NODE_MTLS_KEYS = {"ca_certificate_file", "certificate_file", "key_file"}
 _ENDPOINT_KEYS = {"name", "listen", "upstream", "scope", "alpn", "proxy_protocol"}
 _SECRET_KEYS = {"from", "name", "description", "params"}
+_ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,11 @@ class _Reader:
 def load(path: Path) -> Spicepod:
     """Reads and checks a spicepod.yaml; raises ConfigError."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"--config '{path}': cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
@@ -224,7 +228,10 @@ def _endpoint(reader: _Reader, node: Node, index: int, stores: list[_secrets.Sto
     for required in ("name", "listen", "upstream"):
         if required not in fields:
             raise ConfigError(f"{reader.where(node, key)}: '{required}' is required")
-    name = reader.string(fields["name"], f"{key}.name").text
+    name_value = reader.string(fields["name"], f"{key}.name")
+    name = name_value.text
+    if not _ENDPOINT_NAME.match(name):
+        raise ConfigError(f"{name_value.origin}: use letters, digits, '.', '-' and '_' (up to 64)")
     scope = "public"
     if "scope" in fields:
         scope_value = reader.string(fields["scope"], f"{key}.scope")
@@ -235,6 +242,12 @@ def _endpoint(reader: _Reader, node: Node, index: int, stores: list[_secrets.Sto
     if "alpn" in fields:
         items = reader.sequence(fields["alpn"], f"{key}.alpn")
         alpn = tuple(reader.string(item, f"{key}.alpn").text for item in items)
+        for protocol in alpn:
+            if not 1 <= len(protocol.encode()) <= 255:
+                raise ConfigError(
+                    f"{reader.where(fields['alpn'], f'{key}.alpn')}: each protocol name "
+                    "needs 1 to 255 bytes"
+                )
     proxy = False
     if "proxy_protocol" in fields:
         proxy = reader.boolean(fields["proxy_protocol"], f"{key}.proxy_protocol")

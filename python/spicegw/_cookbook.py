@@ -15,9 +15,13 @@ _DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tls_command == "init":
-        return _init(args.dir, args.name, force=args.force)
-    return _add(args.dir, args.cert_name, args.name, server=args.server)
+    try:
+        if args.tls_command == "init":
+            return _init(args.dir, args.name, force=args.force)
+        return _add(args.dir, args.cert_name, args.name, server=args.server)
+    except OSError as err:
+        where = err.filename or args.dir
+        raise ConfigError(f"--dir '{args.dir}': cannot write {where}: {err.strerror}") from None
 
 
 def _init(folder: str, extra_names: list[str], *, force: bool) -> int:
@@ -66,7 +70,10 @@ def _issue(folder: str, name: str, ca: _pki.Issued, names: list[str], *, server:
     cert_path = os.path.join(folder, f"{name}.pem")
     key_path = os.path.join(folder, f"{name}.key")
     _pki.write_file(key_path, leaf.key_pem(), private=True)
-    _pki.write_file(cert_path, leaf.cert_pem())
+    # A server certificate file holds the chain: the leaf, then the CA, so
+    # clients that trust the CA need nothing else.
+    chain = leaf.cert_pem() + (ca.cert_pem() if server else b"")
+    _pki.write_file(cert_path, chain)
     role = "server" if server else "client"
     shown = f", names {', '.join(names)}" if names else ""
     print(f"{role}: {cert_path} (key {key_path}, mode 0600{shown})")

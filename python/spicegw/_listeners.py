@@ -37,7 +37,10 @@ def probe(endpoint: Endpoint) -> None:
     The probe binds without SO_REUSEPORT, so a port held by any process,
     another spicegw included, is reported instead of silently shared.
     """
-    sock = socket.socket(_family(endpoint), socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(_family(endpoint), socket.SOCK_STREAM)
+    except OSError as err:
+        raise _fail(endpoint, err) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((endpoint.listen.host, endpoint.listen.port))
@@ -49,7 +52,10 @@ def probe(endpoint: Endpoint) -> None:
 
 def open_listener(endpoint: Endpoint, backlog: int) -> socket.socket:
     """A listening socket in the endpoint's SO_REUSEPORT group."""
-    sock = socket.socket(_family(endpoint), socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(_family(endpoint), socket.SOCK_STREAM)
+    except OSError as err:
+        raise _fail(endpoint, err) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -58,16 +58,10 @@ METRICS: tuple[MetricSpec, ...] = (
         "Handshakes that resumed an earlier session (a ticket from any worker).",
     ),
     MetricSpec(
-        "runtime_tls_handshake_duration_seconds_bucket",
-        "counter",
+        "runtime_tls_handshake_duration_seconds",
+        "histogram",
         ("le",),
-        "Handshakes that finished within `le` seconds of accept (cumulative).",
-    ),
-    MetricSpec(
-        "runtime_tls_handshake_duration_seconds_sum",
-        "counter",
-        (),
-        "Total seconds spent from accept to finished handshake.",
+        "Seconds from accept to finished handshake.",
     ),
     MetricSpec(
         "runtime_tls_certificate_not_after_seconds",
@@ -178,8 +172,11 @@ class Metrics:
         observers: dict[str, Callable[[CallbackOptions], Iterable[Observation]]] = {
             "runtime_tls_handshakes_total": self._handshakes,
             "runtime_tls_resumed_handshakes_total": self._total("handshakes_resumed"),
+            # A histogram from the workers' bucket counts: three counters
+            # that /metrics shows as one Prometheus histogram family.
             "runtime_tls_handshake_duration_seconds_bucket": self._duration_buckets,
             "runtime_tls_handshake_duration_seconds_sum": self._duration_sum,
+            "runtime_tls_handshake_duration_seconds_count": self._duration_count,
             "runtime_tls_certificate_not_after_seconds": self._not_after,
             "runtime_tls_serving_generation": self._generations,
             "spicegw_connections_accepted_total": self._total("accepted"),
@@ -192,15 +189,16 @@ class Metrics:
             "spicegw_worker_restarts_total": lambda _o: [Observation(view.restarts())],
             "spicegw_workers_ready": lambda _o: [Observation(view.workers_ready())],
         }
-        for spec in METRICS:
-            if spec.name not in observers:
-                continue
+        kinds = {spec.name: spec.kind for spec in METRICS}
+        for name, observe in observers.items():
+            family = _family(name)
+            kind = kinds[family]
             create = (
-                meter.create_observable_counter
-                if spec.kind == "counter"
-                else meter.create_observable_gauge
+                meter.create_observable_gauge
+                if kind == "gauge"
+                else meter.create_observable_counter
             )
-            create(spec.name, callbacks=[observers[spec.name]], description=spec.help)
+            create(name, callbacks=[observe], description=help_of[family])
 
     def count_reload(self, scope: str, result: str) -> None:
         self._reloads.add(1, {"scope": scope, "result": result})
@@ -216,14 +214,20 @@ class Metrics:
             return ""
         for resource_metrics in data.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
+                announced: set[str] = set()
                 for metric in scope_metrics.metrics:
                     if not isinstance(metric.data, Sum | Gauge):
                         continue
+                    family = _family(metric.name)
                     kind = "gauge"
-                    if isinstance(metric.data, Sum) and metric.data.is_monotonic:
+                    if family != metric.name:
+                        kind = "histogram"
+                    elif isinstance(metric.data, Sum) and metric.data.is_monotonic:
                         kind = "counter"
-                    lines.append(f"# HELP {metric.name} {metric.description}")
-                    lines.append(f"# TYPE {metric.name} {kind}")
+                    if family not in announced:
+                        announced.add(family)
+                        lines.append(f"# HELP {family} {metric.description}")
+                        lines.append(f"# TYPE {family} {kind}")
                     for point in metric.data.data_points:
                         assert isinstance(point, NumberDataPoint)
                         lines.append(_sample(metric.name, point))
@@ -260,6 +264,10 @@ class Metrics:
             observations.append(Observation(running, {"le": le}))
         return observations
 
+    def _duration_count(self, _options: CallbackOptions) -> Iterable[Observation]:
+        counts = self._view.totals().get("handshake_us_buckets")
+        return [Observation(sum(counts) if isinstance(counts, list) else 0)]
+
     def _duration_sum(self, _options: CallbackOptions) -> Iterable[Observation]:
         micros = _number(self._view.totals().get("handshake_us_sum"))
         return [Observation(micros / 1_000_000)]
@@ -279,6 +287,19 @@ class Metrics:
 
     def _not_after(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(when, {"scope": scope}) for scope, when in self._view.not_after()]
+
+
+_HISTOGRAM_PARTS = ("_bucket", "_sum", "_count")
+
+
+def _family(name: str) -> str:
+    """The documented metric a series belongs to: a histogram's _bucket,
+    _sum and _count series belong to the histogram."""
+    for part in _HISTOGRAM_PARTS:
+        base = name.removesuffix(part)
+        if base != name and any(spec.name == base for spec in METRICS):
+            return base
+    return name
 
 
 def _number(value: object) -> int:

@@ -151,6 +151,14 @@ def write_file(path: str, data: bytes, *, private: bool = False) -> None:
         raise
 
 
+def matches(issued: Issued) -> bool:
+    """Whether the key belongs to the certificate."""
+    encoding, form = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return issued.cert.public_key().public_bytes(
+        encoding, form
+    ) == issued.key.public_key().public_bytes(encoding, form)
+
+
 def load_issued(cert_path: str, key_path: str) -> Issued:
     """Reads back a certificate and key this module wrote."""
     with open(cert_path, "rb") as handle:

@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 _REFERENCE = re.compile(r"\$\{(secrets|env):([^}]*)\}")
+# Any ${word:…}: the ones that are not secrets or env are mistakes.
+_ANY_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):[^}]*\}")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -62,9 +64,14 @@ class DirectoryStore:
             return None
         path = self.folder / key
         try:
-            return path.read_text()
+            return path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            # The value itself must not be shown; its name and store are.
+            raise ConfigError(
+                f"secret '{key}' in directory store {self.folder}: not UTF-8 text"
+            ) from None
         except OSError as err:
             raise ConfigError(
                 f"secret '{key}' in directory store {self.folder}: cannot read it: {err.strerror}"
@@ -81,9 +88,11 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; quotes around a value are removed, and a double
     quoted value may span lines (a PEM, say)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
     values: dict[str, str] = {}
@@ -132,6 +141,12 @@ def resolve(text: str, origin: str, stores: list[Store]) -> str:
         searched = ", ".join(store.describe() for store in stores) or "none"
         raise ConfigError(f"{origin}: secret '{key}' not found (stores searched: {searched})")
 
+    for match in _ANY_REFERENCE.finditer(text):
+        if match.group(1) not in ("secrets", "env"):
+            raise ConfigError(
+                f"{origin}: unknown reference ${{{match.group(1)}:…}} (use ${{secrets:NAME}} "
+                "or ${env:NAME})"
+            )
     return _REFERENCE.sub(substitute, text)
 
 

@@ -101,7 +101,8 @@ class StatusServer:
                 self._drop(client)
                 return
             client.inbox += data
-            if b"\r\n\r\n" not in client.inbox:
+            # Bare LF line ends are tolerated, as most servers do.
+            if b"\r\n\r\n" not in client.inbox and b"\n\n" not in client.inbox:
                 if len(client.inbox) > _MAX_REQUEST:
                     self._respond(client, (400, "text/plain", b"request too large\n"))
                 return
@@ -113,7 +114,7 @@ class StatusServer:
             self._send(client)
 
     def _answer(self, request: bytes) -> Response:
-        line = request.split(b"\r\n", 1)[0].decode("latin-1")
+        line = request.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return 400, "text/plain", b"bad request\n"

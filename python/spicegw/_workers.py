@@ -43,6 +43,7 @@ class WorkerHandle:
     outbox: bytearray = field(default_factory=bytearray)
     ready: bool = False
     stopping: bool = False
+    killed_by_watchdog: bool = False
     fatal: str | None = None
     acks: dict[str, Ack] = field(default_factory=dict)
     stats: dict[str, object] = field(default_factory=dict)

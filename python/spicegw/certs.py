@@ -14,12 +14,18 @@ import stat
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import _core
 from .errors import MaterialError
 
 __all__ = ["Material", "Source", "describe_subject", "load_material"]
+
+# Certificate, key and CA files are a few KiB; a long chain or a CA bundle
+# stays far below this. Anything larger is a mistake (or /dev/zero).
+MAX_FILE_SIZE = 1024 * 1024
+# Clients refuse chains much longer than this; so does the gateway.
+MAX_CHAIN = 10
 
 _SUBJECT_ORDER = (
     (NameOID.COMMON_NAME, "CN"),
@@ -72,13 +78,38 @@ class Source:
             return self.inline.encode()
         assert self.path is not None
         try:
-            with open(self.path, "rb") as handle:
-                if self.what == "key":
-                    _check_private_mode(self, os.fstat(handle.fileno()))
-                return handle.read()
+            # O_NONBLOCK: a FIFO put where a certificate belongs must not
+            # block the supervisor (it is refused just below).
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as err:
             reason = err.strerror or str(err)
             raise MaterialError(f"{self.describe()}: cannot read it: {reason}", kind="io") from None
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "a pipe, device or socket"
+            raise MaterialError(f"{self.describe()}: not a regular file ({kind})", kind="io")
+        with os.fdopen(fd, "rb") as handle:
+            if status.st_size > MAX_FILE_SIZE:
+                raise MaterialError(
+                    f"{self.describe()}: {status.st_size} bytes, more than the "
+                    f"{MAX_FILE_SIZE // 1024} KiB a certificate file may hold"
+                )
+            if self.what == "key":
+                _check_private_mode(self, status)
+            try:
+                data = handle.read(MAX_FILE_SIZE + 1)
+            except OSError as err:
+                reason = err.strerror or str(err)
+                raise MaterialError(
+                    f"{self.describe()}: cannot read it: {reason}", kind="io"
+                ) from None
+        if len(data) > MAX_FILE_SIZE:
+            raise MaterialError(
+                f"{self.describe()}: more than the {MAX_FILE_SIZE // 1024} KiB a certificate "
+                "file may hold"
+            )
+        return data
 
     def __repr__(self) -> str:
         # Inline material may be a private key: never show it.
@@ -188,6 +219,12 @@ def check_material(
     try:
         chain = [x509.load_der_x509_certificate(der) for der in bundle.certificates]
         leaf = chain[0]
+        if len(chain) > MAX_CHAIN:
+            raise MaterialError(
+                f"{cert.describe()}: {len(chain)} certificates; a chain of more than "
+                f"{MAX_CHAIN} is refused by clients"
+            )
+        _check_server_usage(leaf, cert)
         material = Material(
             bundle=bundle,
             subject=describe_subject(leaf.subject),
@@ -208,6 +245,21 @@ def check_material(
         if problem is not None:
             raise MaterialError(f"{cert.describe()}: {problem}")
     return material
+
+
+def _check_server_usage(leaf: x509.Certificate, cert: Source) -> None:
+    """A leaf restricted to other uses (a client certificate) would make
+    every client refuse the server: refuse it first."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    allowed = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    if not allowed & set(usage):
+        raise MaterialError(
+            f"{cert.describe()}: the certificate is not for servers (its extended key "
+            "usage lacks serverAuth); clients would refuse it"
+        )
 
 
 def _trust_anchors(source: Source, pem: bytes) -> tuple[bytes, ...]:
@@ -245,13 +297,21 @@ def describe_subject(name: x509.Name) -> str:
     """The subject as the startup line shows it: CN, OU, O, L, S, C in
     that order, only those present, values as written."""
     parts = [
-        f"{short}={attribute.value!s}"
+        f"{short}={_printable(str(attribute.value))}"
         for oid, short in _SUBJECT_ORDER
         for attribute in name.get_attributes_for_oid(oid)
     ]
     if parts:
         return ", ".join(parts)
     return name.rfc4514_string() or "(empty subject)"
+
+
+def _printable(value: str) -> str:
+    """The value as written, but control characters escaped: a subject
+    must not be able to forge log lines."""
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode() for char in value
+    )
 
 
 def _chain_notes(chain: list[x509.Certificate], cert: Source) -> list[str]:

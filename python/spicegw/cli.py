@@ -6,9 +6,10 @@ import argparse
 import logging
 import os
 import resource
+import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _build, _client, _cookbook, _core, _inspect, _listeners, _logging, _scrub
 from ._reload import load_scope
@@ -21,7 +22,12 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line and no usage dump."""
+    """argparse, but errors are one line and no usage dump, and no flag
+    abbreviations (`--tls-en` is a typo, not --tls-enabled)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -38,8 +44,8 @@ def _boolean(text: str) -> bool:
 
 
 def _seconds(text: str) -> float:
-    """A duration: plain seconds, or with a unit: 500ms, 10s, 5m."""
-    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
+    """A duration: plain seconds, or with a unit: 500ms, 10s, 5m, 1h."""
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
     value = text.strip()
     factor = 1.0
     for suffix, scale in units:
@@ -50,7 +56,7 @@ def _seconds(text: str) -> float:
         seconds = float(value) * factor
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a duration such as 10, 10s or 500ms, got {text!r}"
+            f"expected a duration such as 10, 10s, 500ms or 1h, got {text!r}"
         ) from None
     if not seconds > 0 or seconds > 86400 * 365:
         raise argparse.ArgumentTypeError(f"duration out of range: {text!r}")
@@ -213,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Until the supervisor's handlers are in place, a SIGHUP (a reload
+    # request) must not kill a gateway that is starting; and no process
+    # holding keys may dump core.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     settings = _build.build(args, _build.load_spicepod(args))
     _hide_inline_keys()
     _raise_fd_limit()

@@ -49,6 +49,11 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 # After the drain deadline, workers get this long before SIGKILL.
 KILL_GRACE = 2.0
+# POST /v1/reload requests closer together than this are logged at debug.
+RELOAD_REQUEST_INTERVAL = 1.0
+# A gap this long between two turns of the loop means the supervisor was
+# not running; worker silence over that gap is not held against them.
+STALL = 3 * PING_INTERVAL
 
 
 @dataclass
@@ -109,6 +114,8 @@ class Supervisor:
         self._drain_deadline = 0.0
         self._next_ping = 0.0
         self._next_poll = 0.0
+        self._last_tick = time.monotonic()
+        self._last_reload_request = 0.0
         self._ping_seq = 0
         # Last counters of workers that are gone, so totals never shrink.
         self._retired: dict[str, object] = {}
@@ -224,7 +231,19 @@ class Supervisor:
         for key, mask in self._selector.select(timeout):
             key.data(mask)
         self._reap()
-        self._housekeeping(time.monotonic())
+        now = time.monotonic()
+        if now - self._last_tick > STALL:
+            # The supervisor itself did not run (stopped, starved, a slow
+            # disk): the workers' silence is ours, not theirs.
+            log.warning(
+                "the supervisor did not run for %.0f s; workers get a fresh ping "
+                "before they are judged",
+                now - self._last_tick,
+            )
+            for handle in self._workers.values():
+                handle.last_heard = now
+        self._last_tick = now
+        self._housekeeping(now)
 
     def _next_wakeup(self) -> float:
         candidates = [self._next_ping, self._tickets.next_rotation]
@@ -285,6 +304,9 @@ class Supervisor:
 
     def _check_alive(self, handle: _workers.WorkerHandle, now: float) -> None:
         limit = self.settings.worker_timeout if handle.ready else BOOT_TIMEOUT
+        if now - handle.last_heard > limit:
+            # Read whatever it did send before calling it silent.
+            self._on_worker_readable(handle, 0)
         silent = now - handle.last_heard
         if silent > limit and not handle.stopping:
             log.critical(
@@ -294,6 +316,7 @@ class Supervisor:
                 silent,
             )
             handle.stopping = True
+            handle.killed_by_watchdog = True
             _kill(handle.pid, signal.SIGKILL)
 
     def _read_signals(self) -> None:
@@ -673,7 +696,11 @@ class Supervisor:
 
         failures = self._failures.get(handle.index, 0)
         delay = 0.0 if failures == 0 else min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
-        hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+        hint = ""
+        if handle.killed_by_watchdog:
+            hint = " (by the watchdog)"
+        elif code == -signal.SIGKILL:
+            hint = " (out of memory?)"
         # Exit code 0 is a worker that drained on its own SIGTERM: an
         # operator recycling it, not a crash.
         log.log(
@@ -722,7 +749,15 @@ class Supervisor:
         per scope."""
         if not any(scope.watch for scope in self._scopes.values()):
             return {"scopes": {}, "message": "no file-backed certificate to reload"}
-        log.info("reload requested over the status service: checking now")
+        # Every request checks the files (they may have changed a moment
+        # ago), but a client hammering the endpoint cannot flood the log.
+        now = time.monotonic()
+        quiet = now - self._last_reload_request < RELOAD_REQUEST_INTERVAL
+        self._last_reload_request = now
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "reload requested over the status service: checking now",
+        )
         changes = {change.scope: change for change in self.check_certificates()}
         answer: dict[str, object] = {}
         for name, scope in self._scopes.items():
@@ -789,6 +824,12 @@ class Supervisor:
                 "fingerprint": material.fingerprint,
                 "generation": scope.generation,
                 "reloadable": scope.reloadable,
+                # Files on disk that were refused and are not served.
+                "refused": (
+                    {"result": scope.watch.last.result, "message": scope.watch.last.message}
+                    if scope.watch is not None and scope.watch.last is not None
+                    else None
+                ),
                 "workers": [
                     {
                         "index": h.index,

@@ -244,9 +244,17 @@ impl Bundle {
         }
         for (i, cert) in certs.iter().enumerate() {
             if let Err(err) = ParsedCertificate::try_from(cert) {
+                let reason = match err {
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+                        if other.to_string().contains("UnsupportedCertVersion") =>
+                    {
+                        "only X.509 version 3 certificates are supported; reissue it".to_owned()
+                    }
+                    other => other.to_string(),
+                };
                 return Err(BundleError::BadCertificate {
                     index: i + 1,
-                    reason: err.to_string(),
+                    reason,
                 });
             }
         }
@@ -272,7 +280,11 @@ impl Bundle {
         let signing_key = provider
             .key_provider
             .load_private_key(self.private_key_der())
-            .map_err(|err| BundleError::UnsupportedKey(err.to_string()))?;
+            .map_err(|_| {
+                BundleError::UnsupportedKey(
+                    "use ECDSA P-256 or P-384, Ed25519, or RSA of 2048 bits or more".to_owned(),
+                )
+            })?;
         let certified = CertifiedKey::new(self.certs.clone(), Arc::clone(&signing_key));
         if certified.keys_match().is_ok() {
             return Ok(certified);

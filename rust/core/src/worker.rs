@@ -50,8 +50,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after an accept error such as EMFILE, so a full fd table does not
 /// turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
-/// At most one log line per this interval for repeated accept errors.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// At most one log line per this interval for a repeated failure
+/// (accept errors, an upstream that refuses).
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs a worker to the end and returns its exit code. `listeners` are the
 /// listening sockets of the endpoints, in the order of `config.endpoints`.
@@ -95,12 +96,16 @@ struct Endpoint {
     /// Handshakes in progress on this endpoint. Each endpoint has its
     /// own, so a flood on one cannot starve another (the status port).
     handshakes: Semaphore,
+    /// Upstream connect failures, reported at most every few seconds.
+    upstream_failures: RateLimitedLog,
 }
 
 /// What every connection task shares.
 struct Shared {
     endpoints: Vec<Endpoint>,
     limits: Limits,
+    /// Lines for the supervisor's log, rate-limited by the sender.
+    log: mpsc::UnboundedSender<String>,
     stats: Stats,
 }
 
@@ -134,7 +139,8 @@ impl Control {
     }
 
     async fn run(mut self, config: WorkerConfig, listeners: Vec<OwnedFd>) -> i32 {
-        let shared = match self.boot(&config).await {
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+        let shared = match self.boot(&config, log_tx.clone()).await {
             Ok(Some(shared)) => shared,
             Ok(None) => return EXIT_OK,
             Err(message) => {
@@ -145,7 +151,6 @@ impl Control {
         };
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
         let mut accept_tasks = Vec::new();
         if listeners.len() != shared.endpoints.len() {
             let message = format!(
@@ -227,7 +232,11 @@ impl Control {
 
     /// Waits for every scope's first bundle; `Ok(None)` when told to stop
     /// (or orphaned) before that.
-    async fn boot(&mut self, config: &WorkerConfig) -> Result<Option<Arc<Shared>>, String> {
+    async fn boot(
+        &mut self,
+        config: &WorkerConfig,
+        log: mpsc::UnboundedSender<String>,
+    ) -> Result<Option<Arc<Shared>>, String> {
         let wanted = config.scopes();
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while wanted.iter().any(|scope| !self.scopes.contains_key(scope)) {
@@ -269,11 +278,13 @@ impl Control {
                 config: endpoint.clone(),
                 tls,
                 handshakes: Semaphore::new(config.limits.max_handshakes.max(1)),
+                upstream_failures: RateLimitedLog::default(),
             });
         }
         Ok(Some(Arc::new(Shared {
             endpoints,
             limits: config.limits.clone(),
+            log,
             stats: Stats::default(),
         })))
     }
@@ -443,7 +454,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     log: mpsc::UnboundedSender<String>,
 ) {
-    let mut last_logged: Option<Instant> = None;
+    let exhaustion = RateLimitedLog::default();
     loop {
         tokio::select! {
             biased;
@@ -456,13 +467,12 @@ async fn accept_loop(
                 Err(err) => {
                     Stats::bump(&shared.stats.accept_errors);
                     if is_resource_exhaustion(&err) {
-                        let now = Instant::now();
-                        if last_logged.is_none_or(|at| now - at >= ACCEPT_ERROR_LOG_INTERVAL) {
-                            last_logged = Some(now);
+                        if let Some(count) = exhaustion.note(Instant::now()) {
                             let name = &shared.endpoints[index].config.name;
                             let _ = log.send(format!(
                                 "endpoint {name}: cannot accept connections: {err}; \
-                                 retrying, new clients wait in the backlog"
+                                 retrying, new clients wait in the backlog \
+                                 ({count} time(s) since the last report)"
                             ));
                         }
                         tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -478,6 +488,34 @@ fn is_resource_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Counts events and says when one is worth a log line: the first, then at
+/// most one every `LOG_INTERVAL`.
+#[derive(Default)]
+struct RateLimitedLog {
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    /// Records one event; returns how many happened since the last report
+    /// when this one should be reported.
+    fn note(&self, now: Instant) -> Option<u64> {
+        // Poisoning needs a panic while holding the lock, which the two
+        // statements below cannot cause; a poisoned lock is used anyway.
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.1 += 1;
+        let due = state.0.is_none_or(|at| now - at >= LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        let count = state.1;
+        *state = (Some(now), 0);
+        Some(count)
+    }
 }
 
 /// Counts a connection as open from accept until its last byte.
@@ -616,8 +654,16 @@ async fn connect_upstream(
     };
     match connect.await {
         Ok(stream) => Some(stream),
-        Err(_) => {
+        Err(err) => {
             Stats::bump(&shared.stats.upstream_connect_errors);
+            let failures = &shared.endpoints[index].upstream_failures;
+            if let Some(count) = failures.note(Instant::now()) {
+                let _ = shared.log.send(format!(
+                    "endpoint {}: cannot connect to the upstream: {err}; its clients are \
+                     closed ({count} time(s) since the last report)",
+                    endpoint.name
+                ));
+            }
             None
         }
     }
