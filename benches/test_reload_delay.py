@@ -23,6 +23,8 @@ from tests.harness import Gateway, free_port, make_pair, tls_connect, wait_until
 
 from spicegw import _pki
 
+from .report import Summary
+
 ROTATIONS = int(os.environ.get("SPICEGW_BENCH_ROTATIONS", "20"))
 
 
@@ -43,7 +45,7 @@ def _rename_into(source: Path, target: Path) -> None:
 
 
 @pytest.mark.benchmark(group="reload")
-def test_rotation_reaches_every_worker(benchmark, tmp_path):
+def test_rotation_reaches_every_worker(benchmark, tmp_path, summary: Summary):
     ca = _pki.make_ca("reload bench CA")
     ca_path = tmp_path / "ca.pem"
     ca_path.write_bytes(ca.cert_pem())
@@ -114,6 +116,16 @@ def test_rotation_reaches_every_worker(benchmark, tmp_path):
             "push_max_ms": max(pushes),
         }
     )
+    figure = summary.figure(
+        "rotation",
+        f"Certificate renamed in to every worker serving it, 2 workers, 2 s poll, "
+        f"{ROTATIONS} rotations (s)",
+        "lower is better",
+    )
+    for label, values in (("median", delays), ("max", [max(delays)])):
+        row = figure.row(label, "s", digits=2, ratio=False)
+        for value in values:
+            row.cell("spicegw").add(value)
     print(
         f"\nreload delay over {ROTATIONS} rotations (2 s poll): "
         f"median {statistics.median(delays):.3f} s, min {ordered[0]:.3f} s, "

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 pub const USAGE: &str = "\
 usage: spicegw-load MODE --target ADDR --ca FILE [OPTIONS]
+       spicegw-load serve --listen ADDR [--max-seconds S] [--timeout S]
+                          [--threads N]
 
 Modes:
   connect   full TLS connections: connect, handshake, one request, the
@@ -15,6 +17,8 @@ Modes:
   resume    one full handshake per lane, then connections that must resume
   bulk      one connection moving --upload and/or --download bytes
   idle      open connections, hold them, optionally ping each, close
+  serve     a plain TCP upstream for the other modes, behind a proxy:
+            each connection's first line picks what it does (below)
 
 Common options:
   --target ADDR          server address, a loopback IP and port (required)
@@ -48,8 +52,20 @@ idle:
   --ping                 at the end, each connection sends a line that an
                          echoing upstream must send back
 
+serve:
+  --listen ADDR          where to listen, a loopback IP and port; port 0
+                         picks one, and stderr says `serve: listening on
+                         ADDR` once it listens (required)
+  --max-seconds S        stop after S seconds [60]; SIGTERM stops it too
+  --timeout S            limit of each read and write [10]
+  First lines: `SINK <n>` reads n bytes of bulk's pattern, then replies
+  `OK <n>\n`; `SOURCE <n>` sends n bytes of the pattern; `ECHO` sends
+  back the rest of the stream; any other line is answered with `OK ` and
+  the line. Each reply ends with the end of the stream.
+
 One JSON object is written to stdout. Exit status: 0 when every
-connection succeeded, 1 when any failed, 2 for a usage or setup error.
+connection succeeded, 1 when any failed, 2 for a usage or setup error;
+serve exits 0 when it stopped, whatever its connections did.
 ";
 
 /// What the run does with its connections.
@@ -106,11 +122,30 @@ impl Options {
 
 const DEFAULT_REQUEST: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 
+/// What `serve` needs: it makes no TLS connections of its own.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub max_seconds: Duration,
+    pub timeout: Duration,
+}
+
 /// What `main` is asked to do.
 #[derive(Debug)]
 pub enum Command {
     Run(Box<Options>),
+    Serve(ServeOptions),
     Help,
+}
+
+/// The options `serve` takes; any other is a mistake there.
+const SERVE_OPTIONS: [&str; 4] = ["--listen", "--threads", "--max-seconds", "--timeout"];
+
+/// The mode word: a client mode, or the upstream.
+enum Word {
+    Client(Mode),
+    Serve,
 }
 
 /// Parses the arguments after the program name.
@@ -120,7 +155,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             .map_err(|arg| format!("argument {arg:?} is not UTF-8"))
     });
 
-    let mut mode = None;
+    let mut word = None;
+    let mut given = Vec::new();
+    let mut listen = None;
     let mut target = None;
     let mut ca = None;
     let mut server_name = "localhost".to_owned();
@@ -143,10 +180,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     while let Some(arg) = args.next() {
         let arg = arg?;
         if !arg.starts_with("--") {
-            if mode.is_some() {
+            if word.is_some() {
                 return Err(format!("unexpected argument {arg:?}"));
             }
-            mode = Some(parse_mode(&arg)?);
+            word = Some(parse_mode(&arg)?);
             continue;
         }
 
@@ -169,12 +206,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             }
         };
 
+        given.push(name.clone());
         match name.as_str() {
             "--help" => return Ok(Command::Help),
+            "--listen" => listen = Some(parse_loopback(&name, &value()?)?),
             "--tls12" => tls12 = true,
             "--echo" => echo = true,
             "--ping" => ping = true,
-            "--target" => target = Some(parse_target(&value()?)?),
+            "--target" => target = Some(parse_loopback(&name, &value()?)?),
             "--ca" => ca = Some(PathBuf::from(value()?)),
             "--server-name" => server_name = value()?,
             "--groups" => groups = parse_list(&name, &value()?)?,
@@ -193,7 +232,26 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         }
     }
 
-    let mode = mode.ok_or("no mode given (connect, resume, bulk or idle)")?;
+    let mode = match word.ok_or("no mode given (connect, resume, bulk, idle or serve)")? {
+        Word::Client(mode) => mode,
+        Word::Serve => {
+            if let Some(name) = given
+                .iter()
+                .find(|name| !SERVE_OPTIONS.contains(&name.as_str()))
+            {
+                return Err(format!("{name} does not belong to serve"));
+            }
+            return Ok(Command::Serve(ServeOptions {
+                listen: listen.ok_or("serve needs --listen")?,
+                threads,
+                max_seconds,
+                timeout,
+            }));
+        }
+    };
+    if listen.is_some() {
+        return Err("--listen belongs to serve".into());
+    }
     let target = target.ok_or("--target is required")?;
     let ca = ca.ok_or("--ca is required")?;
 
@@ -260,28 +318,29 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     })))
 }
 
-fn parse_mode(word: &str) -> Result<Mode, String> {
+fn parse_mode(word: &str) -> Result<Word, String> {
     match word {
-        "connect" => Ok(Mode::Connect),
-        "resume" => Ok(Mode::Resume),
-        "bulk" => Ok(Mode::Bulk),
-        "idle" => Ok(Mode::Idle),
+        "connect" => Ok(Word::Client(Mode::Connect)),
+        "resume" => Ok(Word::Client(Mode::Resume)),
+        "bulk" => Ok(Word::Client(Mode::Bulk)),
+        "idle" => Ok(Word::Client(Mode::Idle)),
+        "serve" => Ok(Word::Serve),
         _ => Err(format!(
-            "unknown mode {word:?} (connect, resume, bulk or idle)"
+            "unknown mode {word:?} (connect, resume, bulk, idle or serve)"
         )),
     }
 }
 
-/// An `IP:PORT` on the loopback network. This is a benchmark client for
+/// An `IP:PORT` on the loopback network. This is a benchmark tool for
 /// one machine: refusing other addresses keeps a slip of the finger from
-/// sending load anywhere else.
-fn parse_target(text: &str) -> Result<SocketAddr, String> {
+/// sending load anywhere else, or from serving to anyone else.
+fn parse_loopback(name: &str, text: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = text
         .parse()
-        .map_err(|_| format!("--target {text:?} is not IP:PORT"))?;
+        .map_err(|_| format!("{name} {text:?} is not IP:PORT"))?;
     if !addr.ip().is_loopback() {
         return Err(format!(
-            "--target {addr} is not a loopback address; spicegw-load only loads this machine"
+            "{name} {addr} is not a loopback address; spicegw-load only loads this machine"
         ));
     }
     Ok(addr)
@@ -381,6 +440,7 @@ mod tests {
     fn parse_words(words: &str) -> Result<Options, String> {
         match parse(words.split(' ').map(OsString::from))? {
             Command::Run(options) => Ok(*options),
+            Command::Serve(_) => Err("serve".into()),
             Command::Help => Err("help".into()),
         }
     }
@@ -445,6 +505,28 @@ mod tests {
         assert!(parse_words(&format!("connect {BASE} --timeout NaN")).is_err());
         assert!(parse_words(&format!("connect {BASE} --connections 0")).is_err());
         assert!(parse_words(&format!("idle {BASE} --hold-seconds 0")).is_ok());
+    }
+
+    #[test]
+    fn serve_takes_its_own_options() {
+        let Command::Serve(options) =
+            parse(["serve", "--listen", "127.0.0.1:0", "--max-seconds", "5"].map(OsString::from))
+                .unwrap()
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(options.listen.port(), 0);
+        assert_eq!(options.max_seconds, Duration::from_secs(5));
+        assert_eq!(options.timeout, Duration::from_secs(10));
+
+        let serve = |words: &str| parse(words.split(' ').map(OsString::from)).unwrap_err();
+        assert_eq!(serve("serve"), "serve needs --listen");
+        let err = serve("serve --listen 10.1.2.3:80");
+        assert!(err.contains("not a loopback address"), "{err}");
+        let err = serve(&format!("serve --listen 127.0.0.1:0 {BASE}"));
+        assert_eq!(err, "--target does not belong to serve");
+        let err = parse_words(&format!("connect {BASE} --listen 127.0.0.1:0")).unwrap_err();
+        assert_eq!(err, "--listen belongs to serve");
     }
 
     #[test]

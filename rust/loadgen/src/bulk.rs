@@ -22,7 +22,7 @@ use crate::Run;
 /// The length of the repeating pattern that is sent. A prime, so that
 /// neither TLS records nor socket buffers line up with its period and a
 /// misplaced chunk shows up as a mismatch.
-const PATTERN_LEN: usize = 65_521;
+pub const PATTERN_LEN: usize = 65_521;
 
 /// Bytes handed to the stream per write, and room for one read.
 const CHUNK: usize = 64 * 1024;
@@ -204,7 +204,7 @@ async fn download(
 
 /// Where `chunk`, read at `offset` of the stream, first differs from the
 /// pattern; `None` when it matches.
-fn mismatch(pattern: &[u8], offset: u64, chunk: &[u8]) -> Option<u64> {
+pub fn mismatch(pattern: &[u8], offset: u64, chunk: &[u8]) -> Option<u64> {
     let mut at = (offset % PATTERN_LEN as u64) as usize;
     let mut checked = 0;
     while checked < chunk.len() {
@@ -225,7 +225,7 @@ fn mismatch(pattern: &[u8], offset: u64, chunk: &[u8]) -> Option<u64> {
 
 /// A fixed run of bytes from xorshift32: anything but a repeated byte,
 /// so a shifted or stale chunk cannot pass for the right one.
-fn pattern() -> Vec<u8> {
+pub fn pattern() -> Vec<u8> {
     let mut state: u32 = 0x9e37_79b9;
     (0..PATTERN_LEN)
         .map(|_| {

@@ -19,10 +19,11 @@ mod bulk;
 mod conn;
 mod connect;
 mod idle;
+mod serve;
 mod tally;
 mod tls;
 
-use args::{Command, Mode, Options};
+use args::{Command, Mode, Options, ServeOptions};
 use conn::Target;
 
 /// What every task of a run shares.
@@ -36,6 +37,7 @@ pub struct Run {
 fn main() -> ExitCode {
     let options = match args::parse(std::env::args_os().skip(1)) {
         Ok(Command::Run(options)) => *options,
+        Ok(Command::Serve(options)) => return serve(&options),
         Ok(Command::Help) => {
             let _ = std::io::stdout().write_all(args::USAGE.as_bytes());
             return ExitCode::SUCCESS;
@@ -74,19 +76,43 @@ fn main() -> ExitCode {
     let failed = [&report["connections"], &report["priming"]["connections"]]
         .into_iter()
         .any(|counts| counts["failed"].as_u64().is_some_and(|n| n > 0));
-    let mut stdout = std::io::stdout().lock();
-    let written = serde_json::to_writer(&mut stdout, &report)
-        .map_err(std::io::Error::from)
-        .and_then(|()| stdout.write_all(b"\n"))
-        .and_then(|()| stdout.flush());
-    if let Err(err) = written {
-        return setup_error(&format!("cannot write the report: {err}"), false);
+    if let Err(message) = write_report(&report) {
+        return setup_error(&message, false);
     }
     if failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `serve`: the upstream, until its deadline or a signal; then its
+/// report. It exits 0 whatever its connections did: the clients' reports
+/// say whether they were served.
+fn serve(options: &ServeOptions) -> ExitCode {
+    let runtime = match build_runtime(options.threads) {
+        Ok(runtime) => runtime,
+        Err(err) => return setup_error(&format!("cannot start the runtime: {err}"), false),
+    };
+    let report = match runtime.block_on(serve::serve(options)) {
+        Ok(report) => report,
+        Err(message) => return setup_error(&message, false),
+    };
+    // Connections still open are dropped with the runtime.
+    runtime.shutdown_background();
+    match write_report(&Value::Object(report)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => setup_error(&message, false),
+    }
+}
+
+fn write_report(report: &Value) -> Result<(), String> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, report)
+        .map_err(std::io::Error::from)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush())
+        .map_err(|err| format!("cannot write the report: {err}"))
 }
 
 async fn run_mode(run: Arc<Run>, config: Arc<ClientConfig>) -> Map<String, Value> {

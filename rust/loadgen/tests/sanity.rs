@@ -4,9 +4,10 @@
 //! Each test starts its own server on its own thread and runtime, runs
 //! the built binary with a small, bounded run, and reads its JSON report.
 
+use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,13 +21,15 @@ use tokio_rustls::TlsAcceptor;
 /// What the test server does with a connection once the handshake is done.
 #[derive(Clone, Copy)]
 enum Behaviour {
-    /// Like benches/upstream.py behind a gateway: read a line, answer
+    /// Like `spicegw-load serve` behind a gateway: read a line, answer
     /// `OK ` and the line, close.
     Line,
     /// Send back everything, until the client closes.
     Echo,
     /// Close (with close_notify) as soon as the handshake is done.
     Hangup,
+    /// Relay both ways to a plain TCP upstream, like the gateway.
+    Relay(SocketAddr),
 }
 
 fn data(name: &str) -> PathBuf {
@@ -103,6 +106,12 @@ fn serve(behaviour: Behaviour, config: Arc<ServerConfig>) -> SocketAddr {
                         }
                         Behaviour::Hangup => {
                             let _ = tls.shutdown().await;
+                        }
+                        Behaviour::Relay(upstream) => {
+                            let Ok(mut tcp) = tokio::net::TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut tcp).await;
                         }
                     }
                 });
@@ -471,4 +480,78 @@ fn usage_errors_exit_2_without_a_report() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("no CERTIFICATE block"), "{stderr}");
+}
+
+/// `serve` behind a relaying TLS server: lines, a checked sink and a
+/// source, then a sink fed the wrong bytes; SIGTERM stops it, and its
+/// report counts each.
+#[test]
+fn serve_answers_lines_sinks_and_sources() {
+    let mut upstream = Command::new(env!("CARGO_BIN_EXE_spicegw-load"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--max-seconds", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufReader::new(upstream.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    let listening: SocketAddr = said
+        .trim()
+        .strip_prefix("serve: listening on ")
+        .unwrap_or_else(|| panic!("{said:?}"))
+        .parse()
+        .unwrap();
+    let addr = tls13_server(Behaviour::Relay(listening));
+
+    let run = load(
+        "connect",
+        addr,
+        &[
+            "--connections",
+            "20",
+            "--concurrency",
+            "4",
+            "--request",
+            r"GET x\n",
+            "--expect-prefix",
+            r"OK GET x\n",
+        ],
+    );
+    assert_eq!(run.code, 0, "{:#}\n{}", run.report, run.stderr);
+
+    // The reply comes only once every byte arrived as sent.
+    let sink = [r"--request", r"SINK 3145728\n", "--upload", "3m"];
+    let run = load("bulk", addr, &[&sink[..], &["--download", "11"]].concat());
+    assert_eq!(run.code, 0, "{:#}\n{}", run.report, run.stderr);
+
+    let source = ["--request", r"SOURCE 3145728\n", "--download", "3m"];
+    let run = load("bulk", addr, &source);
+    assert_eq!(run.code, 0, "{:#}\n{}", run.report, run.stderr);
+    assert_eq!(count(&run.report, &["bytes", "received"]), 3 << 20);
+
+    // Not the pattern: closed without a reply.
+    let mut plain = std::net::TcpStream::connect(listening).unwrap();
+    plain.write_all(b"SINK 4\nabcd").unwrap();
+    let mut reply = Vec::new();
+    plain.read_to_end(&mut reply).unwrap();
+    assert!(reply.is_empty(), "{reply:?}");
+
+    // SIGTERM ends it early, with its report.
+    let killed = Command::new("kill")
+        .args(["-TERM", &upstream.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = upstream.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["stopped_by"], "signal");
+    assert_eq!(count(&report, &["connections", "line"]), 20);
+    assert_eq!(count(&report, &["connections", "sink"]), 2);
+    assert_eq!(count(&report, &["connections", "source"]), 1);
+    assert_eq!(count(&report, &["failures", "sink_mismatch"]), 1);
+    assert_eq!(count(&report, &["failures", "io_error"]), 0);
+    assert_eq!(count(&report, &["failures", "timeout"]), 0);
 }
