@@ -135,9 +135,9 @@ def test_a_broken_upstream_closes_its_clients_and_recovers_at_once(
                 victims += _victims(http, server_pair.ca)
                 if time.monotonic() - started >= 1.0:
                     break
-        # Bounds are generous: they tell "served" from "stuck behind the
-    # broken upstream", not how fast a loaded CI machine is.
-    others.check(at_least=5, slowest=2.0)
+            # Bounds are generous: they tell "served" from "stuck behind the
+        # broken upstream", not how fast a loaded CI machine is.
+        others.check(at_least=5, slowest=2.0)
 
         if broken is not None:
             # A reset comes after the connection was made: the upstream

@@ -537,7 +537,6 @@ impl Drop for OpenGuard<'_> {
 async fn serve_connection(shared: Arc<Shared>, index: usize, tcp: TcpStream) {
     let _open = OpenGuard::new(&shared.stats);
     let accepted_at = Instant::now();
-    let _ = tcp.set_nodelay(true);
     let endpoint = &shared.endpoints[index];
     let stats = &shared.stats;
     let limits = &shared.limits;
