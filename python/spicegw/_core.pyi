@@ -49,7 +49,7 @@ class Bundle:
 
     @property
     def key_format(self) -> str:
-        """The PEM label the key was found under."""
+        """The key's encoding: PKCS#8, PKCS#1 (RSA) or SEC1 (EC)."""
 
     def same_as(self, other: Bundle) -> bool:
         """Whether `other` decodes to the same chain and key."""

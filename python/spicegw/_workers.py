@@ -146,10 +146,17 @@ def _child(
 
 def _close_inherited(*keep: int) -> None:
     """Closes every descriptor but stdio and `keep`: other slots'
-    listeners, other workers' pipes and the supervisor's selector stay
-    with the supervisor."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    listeners, other workers' pipes, the supervisor's selector, and
+    whatever the supervisor itself inherited, stay out of the worker.
+
+    The open descriptors are listed from /proc rather than counted up to a
+    limit: one inherited above the current soft limit is closed too.
+    """
+    wanted = {0, 1, 2, *keep}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in wanted:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # The listing's own descriptor, already closed.

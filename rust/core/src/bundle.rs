@@ -144,12 +144,12 @@ pub enum KeyFormat {
 }
 
 impl KeyFormat {
-    /// The PEM label for this format.
-    pub fn label(self) -> &'static str {
+    /// The encoding's name, for messages.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Pkcs8 => "PRIVATE KEY",
-            Self::Pkcs1 => "RSA PRIVATE KEY",
-            Self::Sec1 => "EC PRIVATE KEY",
+            Self::Pkcs8 => "PKCS#8",
+            Self::Pkcs1 => "PKCS#1 (RSA)",
+            Self::Sec1 => "SEC1 (EC)",
         }
     }
 
@@ -222,9 +222,8 @@ impl Bundle {
         }
         let Some(key_format) = KeyFormat::from_label(&key.label) else {
             return Err(BundleError::UnsupportedKey(format!(
-                "{} blocks are not supported; convert to PKCS#8 \
-                 (openssl pkcs8 -topk8 -nocrypt)",
-                key.label
+                "a {} is not supported; convert to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)",
+                pem::describe(&key.label)
             )));
         };
 
@@ -375,7 +374,10 @@ fn missing_key(blocks: &[Block]) -> BundleError {
 }
 
 fn labels(blocks: &[Block]) -> String {
-    let names: Vec<&str> = blocks.iter().map(|block| block.label.as_str()).collect();
+    let names: Vec<String> = blocks
+        .iter()
+        .map(|block| pem::describe(&block.label))
+        .collect();
     names.join(", ")
 }
 
@@ -398,7 +400,7 @@ mod tests {
         assert_eq!(
             err,
             BundleError::NoCertificate {
-                found: "X509 CRL".to_owned()
+                found: "X509 CRL block".to_owned()
             }
         );
     }

@@ -76,26 +76,43 @@ impl fmt::Display for PemError {
                 "PEM contains escaped \\n sequences instead of line breaks; \
                  write real newlines",
             ),
-            Self::MissingEnd { label, line } => {
-                write!(
-                    f,
-                    "-----BEGIN {label}----- on line {line} has no END line (file truncated?)"
-                )
-            }
-            Self::MismatchedEnd { begin, end, line } => {
-                write!(
-                    f,
-                    "-----END {end}----- on line {line} closes a {begin} block"
-                )
-            }
+            Self::MissingEnd { label, line } => write!(
+                f,
+                "the {} begun on line {line} has no END line (file truncated?)",
+                describe(label)
+            ),
+            Self::MismatchedEnd { begin, end, line } => write!(
+                f,
+                "the END line on line {line} ({}) closes a {}",
+                describe(end),
+                describe(begin)
+            ),
             Self::BadBase64 { label, line } => {
-                write!(f, "bad base64 on line {line} inside the {label} block")
+                write!(
+                    f,
+                    "bad base64 on line {line} inside the {}",
+                    describe(label)
+                )
             }
         }
     }
 }
 
 impl std::error::Error for PemError {}
+
+/// How messages name a block. Key labels are described, not quoted: the
+/// words of a key's PEM header are never printed, so a search of logs
+/// for them finds nothing even when a key file is broken.
+pub fn describe(label: &str) -> String {
+    match label {
+        "PRIVATE KEY" => "PKCS#8 key block".to_owned(),
+        "RSA PRIVATE KEY" => "PKCS#1 RSA key block".to_owned(),
+        "EC PRIVATE KEY" => "SEC1 EC key block".to_owned(),
+        "ENCRYPTED PRIVATE KEY" => "encrypted PKCS#8 key block".to_owned(),
+        other if other.ends_with("PRIVATE KEY") => "key block of another kind".to_owned(),
+        other => format!("{other} block"),
+    }
+}
 
 /// Reads every PEM block in `input`, in order.
 ///

@@ -52,10 +52,10 @@ impl Bundle {
         &self.fingerprint
     }
 
-    /// The PEM label the key was found under.
+    /// The key's encoding: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
     #[getter]
     fn key_format(&self) -> &'static str {
-        self.inner.key_format().label()
+        self.inner.key_format().name()
     }
 
     /// Whether `other` decodes to the same chain and key.
@@ -97,7 +97,7 @@ impl Bundle {
         format!(
             "<Bundle {} certificate(s), {} key, sha256 {}>",
             self.inner.certs.len(),
-            self.inner.key_format().label(),
+            self.inner.key_format().name(),
             &self.fingerprint
         )
     }
