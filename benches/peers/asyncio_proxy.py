@@ -10,8 +10,8 @@ end. This is the proxy a Python programmer would write first, which is
 what the benchmark compares spicegw against.
 
 TLS settings are OpenSSL's defaults for a server context (TLS 1.2 and
-1.3, two session tickets per connection), like spicegw's rustls
-defaults. It prints `ready` once listening.
+1.3, two session tickets per connection), as a Python programmer would
+leave them. It prints `ready` once listening.
 """
 
 from __future__ import annotations
