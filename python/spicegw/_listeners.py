@@ -5,6 +5,13 @@ The supervisor creates them and keeps them open for as long as it serves.
 A worker gets its slot's sockets when it is forked; if it dies, the
 connections the kernel already queued on its socket stay there for its
 replacement instead of being reset with a closing socket.
+
+TODO(#6): while a slot's replacement waits out its respawn backoff (up to
+10 s in a crash loop), the kernel still hashes new connections to that
+slot's socket, where they wait and may reach the client's timeout; a
+BPF reuseport program steering around dead slots would avoid it, and is
+not written. The first respawn is immediate, so a single crash costs
+0.1-0.4 s, not a backoff.
 """
 
 from __future__ import annotations

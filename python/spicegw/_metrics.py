@@ -8,6 +8,12 @@ Workers keep their own counters and send them over their pipes; the
 supervisor turns them into observable instruments. A worker that dies
 leaves its last counts behind in `retired`, so totals never go backwards
 when a worker is replaced.
+
+TODO(#3): design section 5 also asks for OTLP export "where configured".
+Neither the design nor an issue names how it is configured, and the SDK's
+periodic exporter runs a thread, which must not be alive when the
+supervisor forks a worker; export would have to be driven from the
+supervisor's own loop with a bounded timeout.
 """
 
 from __future__ import annotations

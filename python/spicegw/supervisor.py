@@ -654,6 +654,9 @@ class Supervisor:
     def _on_exit(self, handle: _workers.WorkerHandle, code: int) -> None:
         self._forget_fds(handle)
         handle.close()
+        # TODO(#3): a worker that is killed loses what it counted since its
+        # last report (stats_interval, 1 s); counting in shared memory
+        # would keep it, at the price of a second channel beside the pipe.
         self._retired = _add_counts(self._retired, handle.stats)
         if self._workers.get(handle.index) is handle:
             del self._workers[handle.index]

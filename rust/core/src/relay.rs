@@ -9,6 +9,11 @@
 //! Half-close is passed on: end of stream from one side shuts down the
 //! write half of the other (for TLS, a close_notify), and the other
 //! direction keeps flowing until it ends too.
+//!
+//! TODO(#5): client-to-upstream costs about 0.6 CPU-s per GB where the
+//! design asks 0.4; profiles put 78 % of it in the kernel (two copies
+//! through user space and loopback TCP), so reaching it needs kernel TLS
+//! receive and `splice` to the upstream, which this relay does not do.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
