@@ -13,7 +13,7 @@ import pytest
 
 from spicegw import _pki
 
-from .harness import Gateway, Pair, Process, free_port, make_pair, start_upstream
+from .harness import Gateway, Pair, Process, free_port, make_pair, start_upstream, tls_file_flags
 
 # Files the tests write are private, as a careful operator's are: spicegw
 # refuses a private key file that others may read.
@@ -88,11 +88,4 @@ def gateway(processes: list[Process], tmp_path: Path) -> GatewayFactory:
 
 @pytest.fixture
 def tls_args(server_pair: Pair) -> list[str]:
-    return [
-        "--tls-enabled",
-        "true",
-        "--tls-certificate-file",
-        str(server_pair.cert),
-        "--tls-key-file",
-        str(server_pair.key),
-    ]
+    return tls_file_flags(server_pair.cert, server_pair.key)

@@ -85,6 +85,15 @@ class Pair:
         return self.key.read_text()
 
 
+def tls_file_flags(cert: Path, key: Path) -> list[str]:
+    """The flags that turn TLS on with a certificate and key from files."""
+    return [
+        *("--tls-enabled", "true"),
+        *("--tls-certificate-file", str(cert)),
+        *("--tls-key-file", str(key)),
+    ]
+
+
 def make_pair(
     folder: Path,
     ca: _pki.Issued,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from .harness import free_port
+from .harness import free_port, tls_file_flags
 
 # Start-up refusals must be quick: an operator should not wait for them.
 LIMIT = 2.0
@@ -85,17 +85,6 @@ def files(server_pair, ca, tmp_path) -> Files:
     return Files(cert, server_pair.key, tmp_path)
 
 
-def tls(cert: Path, key: Path) -> list[str]:
-    return [
-        "--tls-enabled",
-        "true",
-        "--tls-certificate-file",
-        str(cert),
-        "--tls-key-file",
-        str(key),
-    ]
-
-
 def endpoint(port: int | None = None) -> list[str]:
     return [
         "--workers",
@@ -109,14 +98,14 @@ def endpoint(port: int | None = None) -> list[str]:
 
 def _missing(files: Files) -> tuple[list[str], str]:
     path = files.folder / "nowhere.pem"
-    return tls(path, files.key), str(path)
+    return tls_file_flags(path, files.key), str(path)
 
 
 def _directory(files: Files) -> tuple[list[str], str]:
     # Unreadable even for root: a directory where the key should be.
     path = files.folder / "a-directory.key"
     path.mkdir()
-    return tls(files.cert, path), str(path)
+    return tls_file_flags(files.cert, path), str(path)
 
 
 def _write(files: Files, name: str, data: bytes) -> Path:
@@ -127,23 +116,23 @@ def _write(files: Files, name: str, data: bytes) -> Path:
 
 def _not_pem(files: Files) -> tuple[list[str], str]:
     path = _write(files, "notes.pem", b"this is not a certificate\n")
-    return tls(path, files.key), str(path)
+    return tls_file_flags(path, files.key), str(path)
 
 
 def _truncated(files: Files) -> tuple[list[str], str]:
     text = files.cert.read_bytes()
     path = _write(files, "truncated.pem", text[: len(text) // 3])
-    return tls(path, files.key), str(path)
+    return tls_file_flags(path, files.key), str(path)
 
 
 def _empty_key(files: Files) -> tuple[list[str], str]:
     path = _write(files, "empty.key", b"")
-    return tls(files.cert, path), str(path)
+    return tls_file_flags(files.cert, path), str(path)
 
 
 def _other_key(files: Files, ca) -> tuple[list[str], str]:
     other = ca.pair("e2e-other", stem="e2e-other")
-    return tls(files.cert, other.key), str(other.key)
+    return tls_file_flags(files.cert, other.key), str(other.key)
 
 
 def _encrypted(files: Files, server_pair, private_format) -> tuple[list[str], str]:
@@ -153,7 +142,7 @@ def _encrypted(files: Files, server_pair, private_format) -> tuple[list[str], st
         serialization.BestAvailableEncryption(b"correct horse"),
     )
     path = _write(files, "encrypted.key", key)
-    return tls(files.cert, path), str(path)
+    return tls_file_flags(files.cert, path), str(path)
 
 
 CASES: dict[str, tuple[Callable[..., tuple[list[str], str]], str]] = {
@@ -196,7 +185,7 @@ def test_an_unreadable_file_is_named(files, tmp_path):
     key.write_bytes(files.key.read_bytes())
     key.chmod(0)
     try:
-        outcome = run_spicegw([*tls(files.cert, key), *endpoint()], tmp_path)
+        outcome = run_spicegw([*tls_file_flags(files.cert, key), *endpoint()], tmp_path)
     finally:
         key.chmod(0o600)
     assert_refused(outcome, str(key), r"permission denied")
@@ -212,7 +201,7 @@ def test_tls_enabled_without_material_is_refused(tmp_path):
 def test_an_address_in_use_is_named(files, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as holder:
         port = holder.getsockname()[1]
-        outcome = run_spicegw([*tls(files.cert, files.key), *endpoint(port)], tmp_path)
+        outcome = run_spicegw([*tls_file_flags(files.cert, files.key), *endpoint(port)], tmp_path)
     assert_refused(outcome, f"--http 127.0.0.1:{port}", r"in use")
 
 
@@ -229,7 +218,7 @@ def test_an_address_in_use_is_named(files, tmp_path):
     ],
 )
 def test_a_malformed_flag_value_is_named(files, tmp_path, flag, value):
-    args = [*tls(files.cert, files.key), *endpoint()]
+    args = [*tls_file_flags(files.cert, files.key), *endpoint()]
     # The bad value comes last, so it is the one argparse keeps.
     outcome = run_spicegw([*args, flag, value], tmp_path)
     assert_refused(outcome, flag, re.escape(value))

@@ -13,21 +13,10 @@ from pathlib import Path
 import pytest
 
 from .config_support import Authority, assert_no_key_lines, spicegw, write_pod
-from .harness import Pair, free_port
+from .harness import Pair, free_port, tls_file_flags
 from .rotation_files import make_leaf, write_private
 
 STARTUP = "All endpoints secured with TLS using certificate: "
-
-
-def tls_flags(cert: Path, key: Path) -> list[str]:
-    return [
-        "--tls-enabled",
-        "true",
-        "--tls-certificate-file",
-        str(cert),
-        "--tls-key-file",
-        str(key),
-    ]
 
 
 def check(folder: Path, *args: str, env: dict[str, str] | None = None):
@@ -48,7 +37,7 @@ def test_check_passes_and_prints_the_startup_line_run_prints(
     gateway, tmp_path, server_pair, echo_port
 ):
     port = free_port()
-    flags = [*tls_flags(server_pair.cert, server_pair.key), "--http", f"127.0.0.1:{port}"]
+    flags = [*tls_file_flags(server_pair.cert, server_pair.key), "--http", f"127.0.0.1:{port}"]
     flags += ["--http-upstream", f"127.0.0.1:{echo_port}"]
     code, output = check(tmp_path, *flags)
     assert code == 0, output
@@ -121,16 +110,16 @@ def bad_inputs(tmp_path, ca, server_pair) -> dict[str, tuple[list[str], list[str
     missing = folder / "missing.pem"
     return {
         "missing file": (
-            tls_flags(missing, server_pair.key),
+            tls_file_flags(missing, server_pair.key),
             [f"'{missing}'", "No such file"],
         ),
-        "bad PEM": (tls_flags(bad_pem, server_pair.key), [f"'{bad_pem}'", "bad base64"]),
+        "bad PEM": (tls_file_flags(bad_pem, server_pair.key), [f"'{bad_pem}'", "bad base64"]),
         "key of another certificate": (
-            tls_flags(server_pair.cert, other_key),
+            tls_file_flags(server_pair.cert, other_key),
             [f"'{server_pair.cert}'", f"'{other_key}'", "does not match"],
         ),
         "expired certificate": (
-            tls_flags(expired, expired_key),
+            tls_file_flags(expired, expired_key),
             [f"'{expired}'", "expired", f"{ended_on:%Y-%m-%d %H:%M}"],
         ),
         "missing secret": (["--config", str(missing_secret)], ["nowhere_key", "not found"]),
@@ -191,7 +180,7 @@ def status(port: int, *args: str):
 def metrics_gateway(gateway, server_pair, echo_port):
     metrics = free_port()
     gateway(
-        *tls_flags(server_pair.cert, server_pair.key),
+        *tls_file_flags(server_pair.cert, server_pair.key),
         *("--workers", "2", "--metrics", f"127.0.0.1:{metrics}"),
         *("--http", f"127.0.0.1:{free_port()}", "--http-upstream", f"127.0.0.1:{echo_port}"),
     )
@@ -245,7 +234,7 @@ def test_status_with_client_certificate_against_required_mode(
     other = Authority.create(tmp_path / "other", "other CA")
     metrics = free_port()
     gateway(
-        *tls_flags(server_pair.cert, server_pair.key),
+        *tls_file_flags(server_pair.cert, server_pair.key),
         *("--tls-client-auth-mode", "required", "--tls-client-auth-ca-file", str(clients.path)),
         *("--workers", "1", "--metrics", f"127.0.0.1:{metrics}"),
         *("--http", f"127.0.0.1:{free_port()}", "--http-upstream", f"127.0.0.1:{echo_port}"),

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .harness import Gateway, Process, free_port, http_get, served_subject
+from .harness import Gateway, Process, free_port, http_get, served_subject, tls_file_flags
 
 STARTUP_LINE = re.compile(
     r"^\S+\s+(?P<level>[A-Z]+)\s+\S+: "
@@ -66,17 +66,6 @@ def _issue(
     return cert_path, key_path
 
 
-def _tls_files(cert: Path, key: Path) -> list[str]:
-    return [
-        "--tls-enabled",
-        "true",
-        "--tls-certificate-file",
-        str(cert),
-        "--tls-key-file",
-        str(key),
-    ]
-
-
 def _http_args(port: int, upstream: int) -> list[str]:
     listen = ["--http", f"127.0.0.1:{port}", "--http-upstream", f"127.0.0.1:{upstream}"]
     return ["--workers", "1", *listen]
@@ -106,7 +95,7 @@ SCRAMBLED = [
 def test_startup_line_names_the_certificate(gateway, ca, http_port, tmp_path, subject, expected):
     cert, key = _issue(ca, subject, tmp_path, "subject")
     port = free_port()
-    gw = gateway(*_tls_files(cert, key), *_http_args(port, http_port))
+    gw = gateway(*tls_file_flags(cert, key), *_http_args(port, http_port))
 
     lines = STARTUP_LINE.findall(gw.text())
     assert lines == [("INFO", expected)], gw.text()
@@ -118,7 +107,7 @@ def test_startup_line_names_the_certificate(gateway, ca, http_port, tmp_path, su
 def test_file_material_serves_and_is_watched(gateway, ca, http_port):
     pair = ca.pair("e2e-file.localhost", names=("localhost", "127.0.0.1"), stem="e2e-file")
     port = free_port()
-    gw = gateway(*_tls_files(pair.cert, pair.key), *_http_args(port, http_port))
+    gw = gateway(*tls_file_flags(pair.cert, pair.key), *_http_args(port, http_port))
 
     assert served_subject(port, ca.path) == "e2e-file.localhost"
     assert http_get(port, ca.path, "/hello") == (200, b"hello from upstream")
