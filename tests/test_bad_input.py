@@ -4,6 +4,7 @@ no traceback."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .harness import free_port, tls_file_flags
 
@@ -176,6 +178,43 @@ def test_an_encrypted_key_is_refused_without_a_prompt(files, server_pair, tmp_pa
     # stdin is not a terminal here, but a prompt would still block: the
     # 10 s guard in run_spicegw turns that into a failure.
     assert_refused(run_spicegw([*args, *endpoint()], tmp_path), named, r"encrypted")
+
+
+def _pem(label: str, der: bytes) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return b"\n".join(
+        [f"-----BEGIN {label}-----".encode(), *lines, f"-----END {label}-----".encode(), b""]
+    )
+
+
+def test_a_damaged_key_is_called_damaged_not_unsupported(files, tmp_path):
+    # One byte changed inside the P-256 private scalar (after the PKCS#8
+    # and SEC1 headers): still PEM, still DER, no longer a consistent key.
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = bytearray(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    der[40] ^= 0x01
+    path = _write(files, "damaged.key", _pem("PRIVATE KEY", bytes(der)))
+    outcome = run_spicegw([*tls_file_flags(files.cert, path), *endpoint()], tmp_path)
+    assert_refused(outcome, str(path), r"damaged: its ECDSA P-256 key data does not decode")
+
+
+def test_a_small_rsa_key_is_named_with_its_size(files, tmp_path):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path = _write(files, "small.key", pem)
+    outcome = run_spicegw([*tls_file_flags(files.cert, path), *endpoint()], tmp_path)
+    assert_refused(outcome, str(path), r"RSA key smaller than 2048 bits")
 
 
 def test_an_unreadable_file_is_named(files, tmp_path):

@@ -17,6 +17,7 @@ use rustls::pki_types::{
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 
+use crate::key_kind::{self, KeyDamage};
 use crate::pem::{self, Block, PemError};
 
 /// Which of the two inputs an error is about.
@@ -65,6 +66,8 @@ pub enum BundleError {
     SeveralKeys(usize),
     /// A key in a format rustls cannot use (OpenSSH, DSA, an odd curve).
     UnsupportedKey(String),
+    /// A key of a known kind whose contents do not decode.
+    DamagedKey(KeyDamage),
     /// A certificate that is not valid X.509 DER (1-based position).
     BadCertificate { index: usize, reason: String },
     /// The key does not belong to the first certificate, but to a later one.
@@ -82,6 +85,7 @@ impl BundleError {
             Self::BadCertificate { .. } => Slot::Certificate,
             Self::CertificateInKeySlot | Self::PublicKey | Self::EncryptedKey => Slot::Key,
             Self::NoKey { .. } | Self::SeveralKeys(_) | Self::UnsupportedKey(_) => Slot::Key,
+            Self::DamagedKey(_) => Slot::Key,
             Self::Swapped | Self::LeafNotFirst { .. } | Self::KeyMismatch => Slot::Pair,
         }
     }
@@ -114,6 +118,11 @@ impl fmt::Display for BundleError {
                 write!(f, "holds {n} private keys; exactly one is expected")
             }
             Self::UnsupportedKey(reason) => write!(f, "unsupported private key: {reason}"),
+            Self::DamagedKey(KeyDamage { kind, reason }) => write!(
+                f,
+                "private key is damaged: its {kind} key data does not decode ({reason}); \
+                 export it again from where it was made"
+            ),
             Self::BadCertificate { index, reason } => {
                 write!(f, "certificate #{index} is not valid X.509: {reason}")
             }
@@ -279,11 +288,12 @@ impl Bundle {
         let signing_key = provider
             .key_provider
             .load_private_key(self.private_key_der())
-            .map_err(|_| {
-                BundleError::UnsupportedKey(
-                    "use ECDSA P-256 or P-384, Ed25519, or RSA of 2048 bits or more".to_owned(),
-                )
-            })?;
+            .map_err(
+                |_| match key_kind::explain(&self.key_der, self.key_format) {
+                    Ok(unsupported) => BundleError::UnsupportedKey(unsupported),
+                    Err(damage) => BundleError::DamagedKey(damage),
+                },
+            )?;
         let certified = CertifiedKey::new(self.certs.clone(), Arc::clone(&signing_key));
         if certified.keys_match().is_ok() {
             return Ok(certified);

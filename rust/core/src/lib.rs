@@ -12,6 +12,7 @@
 pub mod bundle;
 pub mod config;
 pub mod frame;
+pub mod key_kind;
 pub mod pem;
 pub mod proxy;
 pub mod relay;
