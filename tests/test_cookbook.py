@@ -99,6 +99,16 @@ def test_init_does_not_replace_an_existing_ca(cookbook):
     assert (cookbook / "ca.key").read_bytes() == before
 
 
+def test_init_makes_its_folder_but_not_missing_parents(tmp_path):
+    typo = tmp_path / "no-such-folder" / "tls"
+    done = spicegw("tls", "init", "--dir", str(typo))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"--dir '{typo}'" in lines[0] and "does not exist" in lines[0], lines[0]
+    assert not (tmp_path / "no-such-folder").exists()
+
+
 def cookbook_pair(folder: Path, name: str) -> Pair:
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
     return Pair(cert, key, folder / "ca.pem", _pki.load_issued(str(cert), str(key)))

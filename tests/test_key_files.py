@@ -49,6 +49,29 @@ def test_a_key_others_may_read_is_refused_at_start(ca, tmp_path, mode):
     assert "Traceback" not in done.stderr
 
 
+def test_exchanged_files_are_named_before_any_mode_advice(ca, tmp_path):
+    # What `tls init` writes, given the wrong way round: the "key" file is
+    # a 0644 certificate, so its mode is no fault and must not be blamed.
+    cert_pem, key_pem = make_leaf(ca.issued, "localhost")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(cert_pem)
+    cert.chmod(0o644)
+    key.write_bytes(key_pem)
+    key.chmod(0o600)
+    done = subprocess.run(
+        [sys.executable, "-m", "spicegw", "run", *_serve_flags(key, cert, free_port())],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "look exchanged" in lines[0]
+    assert "mode" not in lines[0]
+    assert "Traceback" not in done.stderr
+
+
 def test_a_key_0640_owned_by_root_is_accepted(gateway, ca, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("only root can own a file as root")

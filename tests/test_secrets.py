@@ -153,7 +153,9 @@ def test_missing_secret_is_an_error_naming_it(gateway, tmp_path, pairs, echo_por
         line = next(text for text in output.splitlines() if text.startswith("error:"))
     assert "secret 'gw_key' not found" in line, line
     assert f"{pod}:{key_line}: runtime.tls.key" in line, line
-    assert "env" in line and str(tmp_path / "mounted") in line, line
+    # Listed in the order they are asked: the last declared first.
+    searched = line.split("stores searched: ", 1)[1]
+    assert searched.index(str(tmp_path / "mounted")) < searched.index("env"), line
     assert "Traceback" not in output
 
 

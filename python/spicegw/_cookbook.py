@@ -31,6 +31,11 @@ def _init(folder: str, extra_names: list[str], *, force: bool) -> int:
             f"{ca_cert} exists; use `spicegw tls add` to issue more certificates, or "
             "--force to start over with a new CA"
         )
+    # The folder itself is made, not missing parents: a mistyped --dir
+    # should not quietly grow a tree holding a CA key somewhere unexpected.
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--dir '{folder}': its parent folder {parent} does not exist")
     os.makedirs(folder, mode=0o755, exist_ok=True)
     ca = _pki.make_ca("spicegw CA", "spicegw")
     _pki.write_file(os.path.join(folder, "ca.key"), ca.key_pem(), private=True)

@@ -138,7 +138,8 @@ def resolve(text: str, origin: str, stores: list[Store]) -> str:
             found = store.get(key)
             if found is not None:
                 return found
-        searched = ", ".join(store.describe() for store in stores) or "none"
+        # In the order they were asked: the last declared first.
+        searched = ", ".join(store.describe() for store in reversed(stores)) or "none"
         raise ConfigError(f"{origin}: secret '{key}' not found (stores searched: {searched})")
 
     for match in _ANY_REFERENCE.finditer(text):

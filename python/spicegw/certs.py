@@ -95,8 +95,6 @@ class Source:
                     f"{self.describe()}: {status.st_size} bytes, more than the "
                     f"{MAX_FILE_SIZE // 1024} KiB a certificate file may hold"
                 )
-            if self.what == "key":
-                _check_private_mode(self, status)
             try:
                 data = handle.read(MAX_FILE_SIZE + 1)
             except OSError as err:
@@ -109,6 +107,11 @@ class Source:
                 f"{self.describe()}: more than the {MAX_FILE_SIZE // 1024} KiB a certificate "
                 "file may hold"
             )
+        # Only a file that holds a private key must be private: when the
+        # certificate was put in the key slot, the PEM check names that,
+        # and chmod advice would send the operator the wrong way.
+        if self.what == "key" and b"PRIVATE KEY-----" in data:
+            _check_private_mode(self, status)
         return data
 
     def __repr__(self) -> str:

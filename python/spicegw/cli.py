@@ -283,8 +283,8 @@ def _hide_inline_keys() -> None:
         return
     if hidden:
         log.info(
-            "hid %d inline private key(s) from this process's command line and "
-            "environment (ps, /proc)",
+            "hid inline private key material in %d place(s) of this process's "
+            "command line and environment (ps, /proc)",
             hidden,
         )
 
