@@ -13,7 +13,8 @@
 //! TODO(#5): client-to-upstream costs about 0.6 CPU-s per GB where the
 //! design asks 0.4; profiles put 78 % of it in the kernel (two copies
 //! through user space and loopback TCP), so reaching it needs kernel TLS
-//! receive and `splice` to the upstream, which this relay does not do.
+//! receive and `splice` to the upstream, which this relay does not do
+//! (and the kernel of the machines measured on has no `CONFIG_TLS`).
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
