@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Gateway, Process, client_context, http_get, start_upstream, wait_until
+from .harness import (
+    Gateway,
+    Process,
+    client_context,
+    echo_exactly,
+    http_get,
+    start_upstream,
+    wait_until,
+)
 
 # The deadlines these tests give the gateway, as flags and in seconds.
 HANDSHAKE_TIMEOUT = 1.0
@@ -107,15 +115,7 @@ def echo_once(port: int, ca: Path, message: bytes = b"ping", timeout: float = 5.
         socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
         context.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
-        tls.sendall(message)
-        reply = b""
-        while len(reply) < len(message):
-            chunk = tls.recv(len(message) - len(reply))
-            if not chunk:
-                raise EOFError(f"the connection ended after {reply!r}")
-            reply += chunk
-    if reply != message:
-        raise EOFError(f"the echo returned {reply!r}")
+        echo_exactly(tls, message)
 
 
 # The gateway.

@@ -253,6 +253,20 @@ def tls_connect(
         raw.close()
 
 
+def echo_exactly(tls: ssl.SSLSocket, message: bytes) -> None:
+    """Sends `message` and reads as many bytes back; EOFError when the
+    stream ends early or the echo differs."""
+    tls.sendall(message)
+    reply = b""
+    while len(reply) < len(message):
+        chunk = tls.recv(len(message) - len(reply))
+        if not chunk:
+            raise EOFError(f"the connection ended after {reply!r}")
+        reply += chunk
+    if reply != message:
+        raise EOFError(f"the echo returned {reply!r}")
+
+
 def served_subject(port: int, ca: Path) -> str:
     """The CN of the certificate the gateway presents now."""
     with tls_connect(port, ca) as tls:

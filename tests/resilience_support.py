@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from .harness import Gateway, client_context, wait_until
+from .harness import Gateway, client_context, echo_exactly, wait_until
 from .proc_sockets import ESTABLISHED, LISTEN, connection_inode, is_alive, socket_inodes, tcp_inodes
 from .tls_stream import TlsStream
 
@@ -329,15 +329,7 @@ def connect_once(
             attempt.client_port = raw.getsockname()[1]
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 attempt.subject = _common_name(tls.getpeercert())
-                tls.sendall(message)
-                reply = b""
-                while len(reply) < len(message):
-                    chunk = tls.recv(len(message) - len(reply))
-                    if not chunk:
-                        raise EOFError(f"the connection ended after {reply!r}")
-                    reply += chunk
-                if reply != message:
-                    raise EOFError(f"the echo returned {reply!r}")
+                echo_exactly(tls, message)
     except (OSError, EOFError) as err:
         attempt.error = repr(err)
     attempt.ended = time.monotonic()
