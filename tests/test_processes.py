@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .harness import free_port, http_get, tls_connect, wait_until
+from .harness import echo_exactly, free_port, http_get, tls_connect, wait_until
 from .proc_sockets import (
     ESTABLISHED,
     LISTEN,
@@ -39,18 +39,6 @@ def _refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def _echo_once(tls, message: bytes = b"ping") -> None:
-    tls.sendall(message)
-    reply = b""
-    while len(reply) < len(message):
-        chunk = tls.recv(len(message) - len(reply))
-        if not chunk:
-            raise EOFError(f"connection ended after {reply!r}")
-        reply += chunk
-    if reply != message:
-        raise EOFError(f"echo returned {reply!r}")
 
 
 def test_two_workers_listen_on_one_port_and_both_serve(gateway, tls_args, echo_port, server_pair):
@@ -112,7 +100,7 @@ def _handshake_loop(port, ca, gw, attempts: list[Attempt], stop: threading.Event
         attempt = Attempt(time.monotonic())
         try:
             with tls_connect(port, ca, timeout=5) as tls:
-                _echo_once(tls)
+                echo_exactly(tls, b"ping")
                 inode = connection_inode(port, tls.getsockname()[1])
                 attempt.worker = next(
                     (pid for pid in gw.worker_pids() if inode in socket_inodes(pid)), None
@@ -237,7 +225,7 @@ def test_supervisor_sigkill_takes_the_workers_down(gateway, tls_args, echo_port,
     workers = gw.worker_pids()
     assert len(workers) == 2
     with tls_connect(port, server_pair.ca) as tls:
-        _echo_once(tls)
+        echo_exactly(tls, b"ping")
 
     gw.signal(signal.SIGKILL)
     killed = time.monotonic()
